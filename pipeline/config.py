@@ -1,0 +1,131 @@
+"""Structured configs: one dataclass per `conf/` group, registered in Hydra's ConfigStore.
+
+Because the top-level `Config` is a dataclass, a typo in any YAML file or command-line override
+(`train.epoch=3` instead of `train.epochs=3`) fails when Hydra composes the config, before any
+model is loaded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# `${project_root:}` in YAML resolves to the checkout, so paths work from any working directory.
+if not OmegaConf.has_resolver("project_root"):
+    OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
+
+
+@dataclass
+class PathsConfig:
+    root: str = "${project_root:}"
+    data: str = "${paths.root}/data"  # shipped inputs and prompt files
+    models: str = "${paths.root}/models"  # converted base models (the default GGUF model lands here)
+    outputs: str = "${paths.root}/outputs"  # one folder per stage run, keyed by config hash
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # short name used in output folder names
+    path: str = MISSING  # Hugging Face id or local directory
+    gguf_package: Optional[str] = None  # if set: `path` is made once by converting the GGUF file in this package
+    chat: bool = True  # chat model: the prompt is the system message; base model: the prompt is a text prefix
+    dtype: str = "float32"
+    device: str = "cpu"  # "cpu", "cuda", "cuda:1", ...
+
+
+@dataclass
+class MetatokenConfig:
+    tag: str = MISSING  # the token text, e.g. "<nice>"; must look like <name>
+    prompt: Optional[str] = None  # the prompt the tag stands for, inline ...
+    prompt_file: Optional[str] = None  # ... or a text file, relative to paths.data (real prompts are long)
+    description: str = ""  # one line for listings
+
+
+@dataclass
+class InputsConfig:
+    file: str = "${paths.data}/inputs/requests.jsonl"  # JSONL rows with "id" and "text"
+    heldout_fraction: float = 0.2  # split by a hash of each row's id: stable when rows are added
+    max_train: Optional[int] = None  # cap on training inputs (None = all)
+    max_heldout: Optional[int] = None  # cap on held-out inputs (None = all)
+
+
+@dataclass
+class GenerateConfig:
+    max_new_tokens: int = 48  # length of each teacher sample
+    temperature: float = 0.8  # sampling temperature (the recorded log-probs are always at T=1)
+    top_p: float = 0.95
+    logprobs_top_k: int = 32  # how many teacher log-probs to keep per position
+    batch_size: int = 16
+    seed: int = 0
+    base_samples: bool = True  # also sample the model without prompt on held-out inputs (for drift + side-by-side)
+
+
+@dataclass
+class ExtendConfig:
+    init: str = "prompt_mean"  # new row = prompt_mean | vocab_mean | random
+
+
+@dataclass
+class TrainConfig:
+    objective: str = "kl"  # kl: match the teacher's recorded top-k distribution; sft: cross-entropy on its samples
+    params: str = "lora"  # embedding: only the new rows; lora: LoRA adapters + new rows; full: everything
+    epochs: float = 3.0
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3  # for LoRA / full weights
+    embedding_lr: float = 1e-2  # for the new embedding rows (they start far from where they end)
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    merge_lora: bool = True  # save a plain merged model (loads with AutoModelForCausalLM); False: a peft adapter dir
+    seed: int = 0
+    logging_steps: int = 5
+    save_steps: int = 0  # checkpoint every N steps (0 = only at the end)
+    report_to: str = "${logger.report_to}"
+
+
+@dataclass
+class EvaluateConfig:
+    max_examples: Optional[int] = None  # cap on held-out examples scored (None = all)
+    batch_size: int = 8
+    num_samples: int = 4  # held-out inputs shown side by side in the report
+    sample_max_new_tokens: int = 48
+    seed: int = 0
+
+
+@dataclass
+class LoggerConfig:
+    report_to: str = "none"  # "wandb" or "none"
+    wandb_mode: str = "offline"  # offline needs no network; "online" to sync
+    project: str = "metatokens"
+
+
+@dataclass
+class Config:
+    stage: str = "all"  # generate | extend | train | evaluate | all
+    force: bool = False  # re-run a stage even if its output exists
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    metatoken: MetatokenConfig = field(default_factory=MetatokenConfig)
+    inputs: InputsConfig = field(default_factory=InputsConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    extend: ExtendConfig = field(default_factory=ExtendConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    experiment: Optional[Any] = None
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)

@@ -1,0 +1,158 @@
+"""Stage 1, generate: the teacher (the model reading the full prompt) writes continuations.
+
+For every input it samples a continuation and records, at every generated position, the teacher's
+top-k log-probabilities (taken from the logits of the same forward passes that sampled the token:
+no second pass). Held-out inputs are also answered by the model without any prompt, which the
+evaluation uses to measure drift and to show samples side by side.
+
+    python -m pipeline stage=generate metatoken=pirate
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from tqdm.auto import tqdm
+
+from pipeline import outputs
+from pipeline.data import load_inputs, split_inputs
+from pipeline.formats import context_ids
+from pipeline.metatokens import Metatoken, job_metatoken
+from pipeline.models import load_model, load_tokenizer, resolve_model_path
+
+log = logging.getLogger(__name__)
+
+
+def stage_key(cfg, metatoken: Metatoken) -> dict:
+    return {
+        "model": outputs.model_key(cfg.model),
+        "tag": metatoken.tag,
+        "prompt_sha": metatoken.prompt_sha,
+        "inputs": {**outputs.plain(cfg.inputs), "file": outputs.file_sha(cfg.inputs.file)},
+        "generate": outputs.plain(cfg.generate),
+    }
+
+
+def output_dir(cfg, metatoken: Metatoken) -> Path:
+    return outputs.stage_dir(cfg.paths.outputs, "generate", metatoken.name, stage_key(cfg, metatoken))
+
+
+@torch.no_grad()
+def sample_with_logprobs(model, tokenizer, contexts: list[list[int]], gen_cfg, seed: int) -> list[dict]:
+    """Sample one continuation per context and keep the top-k log-probs at every generated position.
+
+    Contexts are left-padded into one batch. A continuation ends at (and includes) the first EOS, so
+    the student also learns where the teacher stops.
+    """
+    device = model.device
+    pad_id = tokenizer.pad_token_id
+    length = max(len(c) for c in contexts)
+    input_ids = torch.full((len(contexts), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for b, ctx in enumerate(contexts):
+        input_ids[b, length - len(ctx) :] = torch.tensor(ctx)
+        attention_mask[b, length - len(ctx) :] = 1
+    torch.manual_seed(seed)
+    generated = model.generate(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        do_sample=True,
+        temperature=gen_cfg.temperature,
+        top_p=gen_cfg.top_p,
+        top_k=0,
+        max_new_tokens=gen_cfg.max_new_tokens,
+        pad_token_id=pad_id,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    new_tokens = generated.sequences[:, length:].cpu()
+    # Raw logits (before temperature / top-p), so the recorded distribution is the model's own.
+    logprobs = torch.log_softmax(torch.stack(generated.logits, dim=1).float(), dim=-1).cpu()
+    top_logprobs, top_ids = logprobs.topk(gen_cfg.logprobs_top_k, dim=-1)
+    eos_ids = set(_eos_ids(model, tokenizer))
+    results = []
+    for b in range(len(contexts)):
+        ids = new_tokens[b].tolist()
+        end = next((i + 1 for i, t in enumerate(ids) if t in eos_ids), len(ids))
+        results.append(
+            {
+                "output_ids": ids[:end],
+                "topk_ids": top_ids[b, :end].tolist(),
+                "topk_logprobs": top_logprobs[b, :end].tolist(),
+            }
+        )
+    return results
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    return sorted(set(eos) | {tokenizer.eos_token_id})
+
+
+def sample_all(model, tokenizer, contexts, gen_cfg, desc: str) -> list[dict]:
+    """Batch the contexts (longest first, to waste little padding) and sample them all."""
+    order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
+    results: list[dict] = [None] * len(contexts)
+    bar = tqdm(total=len(contexts), desc=desc, unit="sample")
+    for start in range(0, len(order), gen_cfg.batch_size):
+        chunk = order[start : start + gen_cfg.batch_size]
+        # The seed depends on the batch's first input, not on the order batches run in.
+        seed = gen_cfg.seed * 1_000_003 + chunk[0]
+        for i, r in zip(chunk, sample_with_logprobs(model, tokenizer, [contexts[i] for i in chunk], gen_cfg, seed)):
+            results[i] = r
+        bar.update(len(chunk))
+    bar.close()
+    return results
+
+
+def run(cfg) -> Path:
+    metatoken = job_metatoken(cfg)
+    out_dir = output_dir(cfg, metatoken)
+    if outputs.is_complete(out_dir) and not cfg.force:
+        log.info("generate: %s is complete, nothing to do", out_dir)
+        return out_dir
+    train_rows, heldout_rows = split_inputs(
+        load_inputs(cfg.inputs.file), cfg.inputs.heldout_fraction, cfg.inputs.max_train, cfg.inputs.max_heldout
+    )
+    model_path = resolve_model_path(cfg.model)
+    tokenizer = load_tokenizer(model_path)
+    model = load_model(model_path, cfg.model.dtype, cfg.model.device)
+    chat = cfg.model.chat
+
+    with outputs.atomic_stage_dir(out_dir, "generate", stage_key(cfg, metatoken)) as (work, manifest):
+        records = []
+        for split, rows in (("train", train_rows), ("heldout", heldout_rows)):
+            contexts = [context_ids(tokenizer, r["text"], metatoken.prompt, chat) for r in rows]
+            teacher = sample_all(model, tokenizer, contexts, cfg.generate, f"teacher {split}")
+            base = [None] * len(rows)
+            if split == "heldout" and cfg.generate.base_samples:
+                plain = [context_ids(tokenizer, r["text"], None, chat) for r in rows]
+                base = sample_all(model, tokenizer, plain, cfg.generate, "base heldout")
+            for row, t, b in zip(rows, teacher, base):
+                records.append(
+                    {
+                        "id": row["id"],
+                        "split": split,
+                        "tags": [metatoken.tag],
+                        "input": row["text"],
+                        "output": tokenizer.decode(t["output_ids"], skip_special_tokens=True),
+                        **t,
+                        "base_output": tokenizer.decode(b["output_ids"], skip_special_tokens=True) if b else "",
+                        "base_output_ids": b["output_ids"] if b else [],
+                    }
+                )
+        Dataset.from_list(records).save_to_disk(str(work / "dataset"))
+        prompt_tokens = len(context_ids(tokenizer, "", metatoken.prompt, chat)) - len(context_ids(tokenizer, "", None, chat))
+        manifest.update(
+            model_path=model_path,
+            tag=metatoken.tag,
+            prompt_source=metatoken.source,
+            prompt_tokens=prompt_tokens,
+            counts={"train": len(train_rows), "heldout": len(heldout_rows)},
+            generated_tokens=sum(len(r["output_ids"]) + len(r["base_output_ids"]) for r in records),
+        )
+    log.info("generate: %d train + %d held-out samples -> %s", len(train_rows), len(heldout_rows), out_dir)
+    return out_dir

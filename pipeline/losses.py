@@ -1,0 +1,71 @@
+"""The math of distillation and evaluation, as small pure functions on tensors.
+
+Notation: p is the teacher (the model reading the full prompt), q the student (the model reading
+the tag). All KLs are forward KL(p || q), per position, in nats.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def full_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per position from full logits.
+
+    The student may have a larger vocabulary (its new tag rows); the teacher puts no mass there,
+    so those entries only enter through the student's normalisation.
+    Shapes: [..., V_teacher] and [..., V_student >= V_teacher] -> [...].
+    """
+    vocab = teacher_logits.shape[-1]
+    p_log = F.log_softmax(teacher_logits.float(), dim=-1)
+    q_log = F.log_softmax(student_logits.float(), dim=-1)[..., :vocab]
+    return (p_log.exp() * (p_log - q_log)).sum(-1)
+
+
+def topk_kl(
+    student_logits: torch.Tensor, teacher_topk_ids: torch.Tensor, teacher_topk_logprobs: torch.Tensor
+) -> torch.Tensor:
+    """KL(p || q) per position over k+1 bins: the teacher's top-k tokens and one bin for the rest.
+
+    This is the exact KL between the two distributions coarsened to those bins, so it is zero
+    only when the student matches the teacher on its top-k tokens and on the leftover mass, and it
+    never exceeds the full KL. Shapes: [..., V], [..., k], [..., k] -> [...].
+    """
+    q_log = F.log_softmax(student_logits.float(), dim=-1)
+    q_top = q_log.gather(-1, teacher_topk_ids)
+    p_top_log = teacher_topk_logprobs.float()
+    kl_top = (p_top_log.exp() * (p_top_log - q_top)).sum(-1)
+    # Leftover mass: log(1 - sum exp(x)) computed stably from the log-sum-exp.
+    p_rest_log = _log1m_sumexp(p_top_log)
+    q_rest_log = _log1m_sumexp(q_top)
+    kl_rest = torch.where(p_rest_log > -30, p_rest_log.exp() * (p_rest_log - q_rest_log), 0.0)
+    return kl_top + kl_rest
+
+
+def _log1m_sumexp(logs: torch.Tensor) -> torch.Tensor:
+    total = torch.logsumexp(logs, dim=-1).clamp(max=-1e-7)
+    return torch.log(-torch.expm1(total))
+
+
+def token_cross_entropy(student_logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+    """Per-position cross-entropy of the teacher's sampled tokens (the `sft` objective)."""
+    return F.cross_entropy(student_logits.float().flatten(0, -2), target_ids.flatten(), reduction="none").view(
+        target_ids.shape
+    )
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the positions where mask is true (token-weighted across the batch)."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def recovery(effect: float, residual: float) -> float:
+    """Share of the prompt's effect the tag recovers: 1 - residual / effect.
+
+    1.0: the student with the tag is as close to the teacher as it can be; 0.0: the tag does no more
+    than no prompt at all; negative: worse than no prompt.
+    """
+    if effect <= 0:
+        raise ValueError(f"the prompt has no measurable effect (KL {effect}); recovery is undefined")
+    return 1.0 - residual / effect

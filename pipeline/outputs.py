@@ -1,0 +1,103 @@
+"""Stage outputs on disk: one folder per (stage, config) with a manifest, written atomically.
+
+A stage's folder is named by a hash of everything that determines its result (its own config, the
+model, the prompt text and the upstream stages' keys). So re-running a finished stage with the same
+config finds its folder and does nothing, and a changed config gets a new folder instead of
+overwriting a different result. Work happens in `.<name>.partial` and is renamed when complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+
+
+def plain(node) -> dict:
+    """A config node as plain Python values (for hashing and manifests)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+
+
+def file_sha(path: str | Path) -> str:
+    """Content hash: a stage keyed on a file's bytes, not its path, is the same on every checkout."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if Path(path).is_file() else f"missing:{path}"
+
+
+def model_key(model_cfg) -> dict:
+    """What identifies the base model: its source (package or id/path relative to the project) and format."""
+    from pipeline.config import PROJECT_ROOT
+
+    source = model_cfg.gguf_package or str(model_cfg.path).replace(str(PROJECT_ROOT), ".")
+    return {"source": source, "chat": model_cfg.chat, "dtype": model_cfg.dtype}
+
+
+def key_hash(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def stage_dir(outputs: str | Path, stage: str, label: str, key: dict) -> Path:
+    return Path(outputs) / stage / f"{label}-{key_hash(key)}"
+
+
+def is_complete(out_dir: Path) -> bool:
+    return (out_dir / MANIFEST).is_file()
+
+
+def read_manifest(out_dir: Path) -> dict:
+    return json.loads((out_dir / MANIFEST).read_text())
+
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def versions() -> dict:
+    import datasets
+    import peft
+    import torch
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "datasets": datasets.__version__,
+        "peft": peft.__version__,
+    }
+
+
+@contextmanager
+def atomic_stage_dir(out_dir: Path, stage: str, key: dict, keep_partial: bool = False):
+    """Yield a work folder and a manifest dict; on success write the manifest and move it into place.
+
+    With keep_partial, an interrupted run's work folder is reused (stages that can resume use it).
+    """
+    partial = out_dir.with_name(f".{out_dir.name}.partial")
+    if partial.exists() and not keep_partial:
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    manifest = {"stage": stage, "key": key, "key_hash": key_hash(key), "versions": versions()}
+    started = time.time()
+    yield partial, manifest
+    manifest["seconds"] = round(time.time() - started, 1)
+    manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    write_json(partial / MANIFEST, manifest)
+    if out_dir.exists():  # only with force: the same key, so the same kind of result is replaced
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out_dir.rename(old)
+        partial.rename(out_dir)
+        shutil.rmtree(old)
+    else:
+        partial.rename(out_dir)

@@ -1,0 +1,224 @@
+"""Stage 3, train: teach the student (the model reading just the tag) to act like the teacher.
+
+Objectives:
+- `kl`:  match the teacher's recorded top-k distribution at every position (dense signal);
+- `sft`: cross-entropy on the teacher's sampled tokens.
+Trainable parameters:
+- `embedding`: only the new tag rows (the rest of the model is untouched, so untagged text cannot drift);
+- `lora`: LoRA adapters (peft) plus the new tag rows;
+- `full`: every weight.
+SmolLM2 ties input and output embeddings, and peft cannot train single rows of a tied matrix, so the
+tag rows train through a gradient mask on the (shared) embedding matrix.
+
+The result is a plain Hugging Face directory (model + tokenizer; LoRA merged unless
+`train.merge_lora=false`, which saves a peft adapter instead).
+
+    python -m pipeline stage=train metatoken=pirate train.objective=kl train.params=lora
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+from datasets import load_from_disk
+from transformers import Trainer, TrainingArguments, get_scheduler
+
+from pipeline import extend, generate, outputs
+from pipeline.data import gather_positions, pad_2d, pad_examples
+from pipeline.formats import context_ids
+from pipeline.losses import masked_mean, token_cross_entropy, topk_kl
+from pipeline.metatokens import ConfigError, Metatoken, job_metatoken
+from pipeline.models import load_model, load_tokenizer
+
+log = logging.getLogger(__name__)
+OBJECTIVES = ("kl", "sft")
+PARAMS = ("embedding", "lora", "full")
+
+
+def stage_key(cfg, metatoken: Metatoken) -> dict:
+    train_cfg = outputs.plain(cfg.train)
+    train_cfg.pop("report_to", None)  # where logs go does not change the model
+    return {
+        "generate": outputs.key_hash(generate.stage_key(cfg, metatoken)),
+        "extend": outputs.key_hash(extend.stage_key(cfg, [metatoken])),
+        "train": train_cfg,
+    }
+
+
+def output_dir(cfg, metatoken: Metatoken) -> Path:
+    return outputs.stage_dir(cfg.paths.outputs, "train", metatoken.name, stage_key(cfg, metatoken))
+
+
+def build_examples(records, tokenizer, chat: bool) -> list[dict]:
+    """Student examples: the tag(s) in place of the prompt, then the teacher's continuation."""
+    examples = []
+    for r in records:
+        examples.append(
+            {
+                "context_ids": context_ids(tokenizer, r["input"], "".join(r["tags"]), chat),
+                "output_ids": r["output_ids"],
+                "topk_ids": r["topk_ids"],
+                "topk_logprobs": r["topk_logprobs"],
+            }
+        )
+    return examples
+
+
+class DistillCollator:
+    """Pads student examples and the teacher's top-k tables to one batch."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = pad_examples([e["context_ids"] for e in examples], [e["output_ids"] for e in examples], self.pad_id)
+        k = len(examples[0]["topk_ids"][0])
+        batch["output_ids"] = pad_2d([[[t] for t in e["output_ids"]] for e in examples], 1, 0, torch.long)[..., 0]
+        batch["topk_ids"] = pad_2d([e["topk_ids"] for e in examples], k, 0, torch.long)
+        batch["topk_logprobs"] = pad_2d([e["topk_logprobs"] for e in examples], k, -1e4, torch.float)
+        return batch
+
+
+def distill_loss(model, batch: dict, objective: str) -> torch.Tensor:
+    """Mean per-token loss of the student on the teacher's continuations."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    student = gather_positions(logits, batch["output_positions"])
+    if objective == "kl":
+        per_token = topk_kl(student, batch["topk_ids"], batch["topk_logprobs"])
+    else:
+        per_token = token_cross_entropy(student, batch["output_ids"])
+    return masked_mean(per_token, batch["output_mask"])
+
+
+class DistillTrainer(Trainer):
+    """HF Trainer with the distillation loss (it keeps checkpoints, logging, DeepSpeed and DDP)."""
+
+    def __init__(self, *args, objective: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.objective = objective
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = distill_loss(model, inputs, self.objective)
+        return (loss, None) if return_outputs else loss
+
+
+def mask_to_rows(weight: torch.nn.Parameter, rows: list[int]) -> None:
+    """Let gradient reach only `rows` of `weight` (Adam then leaves the other rows exactly as they were)."""
+    keep = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+    keep[rows] = 1.0
+    weight.register_hook(lambda grad: grad * keep)
+
+
+def prepare_trainable(model, train_cfg, tag_ids: list[int]):
+    """Choose what trains; returns (model, optimizer param groups)."""
+    if train_cfg.params not in PARAMS:
+        raise ConfigError(f"train.params is {train_cfg.params!r}. Fix: use one of {', '.join(PARAMS)}.")
+    if train_cfg.params == "full":
+        model.requires_grad_(True)
+        return model, [{"params": [p for p in model.parameters() if p.requires_grad], "lr": train_cfg.lr}]
+    model.requires_grad_(False)
+    if train_cfg.params == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=train_cfg.lora_r,
+            lora_alpha=train_cfg.lora_alpha,
+            lora_dropout=train_cfg.lora_dropout,
+            target_modules=list(train_cfg.lora_targets),
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+    embedding = model.get_input_embeddings().weight
+    embedding.requires_grad_(True)
+    mask_to_rows(embedding, tag_ids)
+    groups = [{"params": [embedding], "lr": train_cfg.embedding_lr, "weight_decay": 0.0}]
+    adapters = [p for n, p in model.named_parameters() if p.requires_grad and p is not embedding]
+    if adapters:
+        groups.append({"params": adapters, "lr": train_cfg.lr})
+    return model, groups
+
+
+def save_student(model, tokenizer, out: Path, merge_lora: bool) -> None:
+    if hasattr(model, "merge_and_unload") and merge_lora:
+        model = model.merge_and_unload()
+    elif hasattr(model, "merge_and_unload"):
+        # An unmerged adapter keeps the resized embedding in the adapter so the tag rows travel with it.
+        model.save_pretrained(out, save_embedding_layers=True)
+        tokenizer.save_pretrained(out)
+        return
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def run(cfg) -> Path:
+    metatoken = job_metatoken(cfg)
+    out_dir = output_dir(cfg, metatoken)
+    if outputs.is_complete(out_dir) and not cfg.force:
+        log.info("train: %s is complete, nothing to do", out_dir)
+        return out_dir
+    train_cfg = cfg.train
+    if train_cfg.objective not in OBJECTIVES:
+        raise ConfigError(f"train.objective is {train_cfg.objective!r}. Fix: use one of {', '.join(OBJECTIVES)}.")
+    gen_dir, ext_dir = generate.output_dir(cfg, metatoken), extend.output_dir(cfg, [metatoken])
+    for stage, d in (("generate", gen_dir), ("extend", ext_dir)):
+        if not outputs.is_complete(d):
+            raise FileNotFoundError(f"train needs the {stage} output {d}. Fix: run `python -m pipeline stage={stage}` with the same config first (or stage=all).")
+    records = load_from_disk(str(gen_dir / "dataset")).filter(lambda r: r["split"] == "train")
+    tokenizer = load_tokenizer(str(ext_dir))
+    model = load_model(str(ext_dir), cfg.model.dtype, "cpu")
+    tag_ids = list(outputs.read_manifest(ext_dir)["tag_ids"].values())
+    model, groups = prepare_trainable(model, train_cfg, tag_ids)
+    model.train()
+    examples = build_examples(records, tokenizer, cfg.model.chat)
+
+    with outputs.atomic_stage_dir(out_dir, "train", stage_key(cfg, metatoken), keep_partial=True) as (work, manifest):
+        steps_per_epoch = math.ceil(len(examples) / (train_cfg.batch_size * train_cfg.grad_accum))
+        total_steps = train_cfg.max_steps if train_cfg.max_steps > 0 else math.ceil(steps_per_epoch * train_cfg.epochs)
+        optimizer = torch.optim.AdamW(groups, weight_decay=train_cfg.weight_decay)
+        scheduler = get_scheduler("cosine", optimizer, int(train_cfg.warmup_ratio * total_steps), total_steps)
+        if train_cfg.report_to == "wandb":
+            os.environ.setdefault("WANDB_MODE", cfg.logger.wandb_mode)
+            os.environ.setdefault("WANDB_PROJECT", cfg.logger.project)
+        args = TrainingArguments(
+            output_dir=str(work / "checkpoints"),
+            per_device_train_batch_size=train_cfg.batch_size,
+            gradient_accumulation_steps=train_cfg.grad_accum,
+            max_steps=total_steps,
+            logging_steps=train_cfg.logging_steps,
+            save_strategy="steps" if train_cfg.save_steps > 0 else "no",
+            save_steps=max(train_cfg.save_steps, 1),
+            report_to=[] if train_cfg.report_to == "none" else [train_cfg.report_to],
+            run_name=out_dir.name,
+            seed=train_cfg.seed,
+            use_cpu=cfg.model.device == "cpu",
+            remove_unused_columns=False,
+            dataloader_num_workers=0,
+        )
+        trainer = DistillTrainer(
+            model=model,
+            args=args,
+            train_dataset=examples,
+            data_collator=DistillCollator(tokenizer.pad_token_id),
+            optimizers=(optimizer, scheduler),
+            objective=train_cfg.objective,
+        )
+        checkpoints = sorted((work / "checkpoints").glob("checkpoint-*"))
+        result = trainer.train(resume_from_checkpoint=bool(checkpoints))
+        save_student(trainer.model, tokenizer, work, train_cfg.merge_lora)
+        outputs.write_json(work / "train_log.json", trainer.state.log_history)
+        manifest.update(
+            base_extended=str(ext_dir),
+            examples=len(examples),
+            steps=total_steps,
+            final_loss=result.training_loss,
+            train_seconds=round(result.metrics.get("train_runtime", 0.0), 1),
+        )
+        import shutil
+
+        shutil.rmtree(work / "checkpoints", ignore_errors=True)
+    log.info("train: %d examples, %d steps, loss %.4f -> %s", len(examples), total_steps, result.training_loss, out_dir)
+    return out_dir

@@ -1,0 +1,132 @@
+"""Shared fixtures: a tiny random Llama with a small BPE tokenizer built here, and composed configs.
+
+Nothing is downloaded: the tokenizer is trained on a few sentences, the model is random.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CHATML = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SENTENCES = [
+    "How do I boil an egg without cracking the shell?",
+    "Explain why the sky looks blue during the day.",
+    "Write a two line poem about autumn leaves.",
+    "What is a good way to learn a new language quickly?",
+    "Arr matey, ye be asking the right questions on the high seas!",
+    "You are a kind and warm assistant who always encourages the user.",
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "Summarise the main causes of the first world war in a paragraph.",
+]
+
+
+def build_tiny_model(out_dir: Path, layers: int = 2, hidden: int = 32, seed: int = 0) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(SENTENCES * 4, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|im_end|>", bos_token="<|endoftext|>"
+    )
+    tokenizer.chat_template = CHATML
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    # Random init gives a near-uniform next-token distribution; scale it so prompts change it visibly.
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(20.0)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture()
+def tiny_data(tmp_path) -> Path:
+    """A data dir with a short prompt and a handful of inputs."""
+    data = tmp_path / "data"
+    (data / "prompts").mkdir(parents=True)
+    (data / "inputs").mkdir()
+    (data / "prompts" / "kind.txt").write_text("You are a kind and warm assistant who always encourages the user.\n")
+    rows = [{"id": f"r{i}", "text": s} for i, s in enumerate(SENTENCES * 2)]
+    for i, r in enumerate(rows):
+        r["text"] = f"{r['text']} ({i})"
+    (data / "inputs" / "requests.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return data
+
+
+def compose(overrides: list[str]):
+    """Compose the real conf/ tree with overrides, as the CLI would."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from pipeline.config import PROJECT_ROOT, register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+@pytest.fixture()
+def tiny_cfg(tiny_model, tiny_data, tmp_path):
+    """A full pipeline config on the tiny model, small enough to run every stage in seconds."""
+
+    def make(*extra: str):
+        return compose(
+            [
+                "model=hf",
+                "model.name=tiny",
+                f"model.path={tiny_model}",
+                f"paths.data={tiny_data}",
+                f"paths.outputs={tmp_path / 'outputs'}",
+                "metatoken.tag='<kind>'",
+                "metatoken.prompt_file=prompts/kind.txt",
+                "inputs.heldout_fraction=0.25",
+                "generate.max_new_tokens=6",
+                "generate.batch_size=4",
+                "generate.logprobs_top_k=8",
+                "train.max_steps=4",
+                "train.batch_size=4",
+                "train.logging_steps=1",
+                "evaluate.num_samples=2",
+                "evaluate.sample_max_new_tokens=5",
+                *extra,
+            ]
+        )
+
+    return make
