@@ -61,6 +61,7 @@ class GenerateConfig:
     logprobs_top_k: int = 32  # how many teacher log-probs to keep per position
     batch_size: int = 16
     seed: int = 0
+    prompt_cache: bool = True  # compute the shared prompt's keys/values once and reuse them for every batch
     base_samples: bool = True  # also sample the model without prompt on held-out inputs (for drift + side-by-side)
 
 

@@ -9,12 +9,14 @@ evaluation uses to measure drift and to show samples side by side.
 """
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
 import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from pipeline import outputs
 from pipeline.data import load_inputs, split_inputs
@@ -39,25 +41,57 @@ def output_dir(cfg, metatoken: Metatoken) -> Path:
     return outputs.stage_dir(cfg.paths.outputs, "generate", metatoken.name, stage_key(cfg, metatoken))
 
 
+def shared_prefix_length(contexts: list[list[int]]) -> int:
+    """How many leading token ids all contexts share (kept below the shortest, so each has a suffix)."""
+    shortest = min(len(c) for c in contexts)
+    n = 0
+    while n < shortest - 1 and all(c[n] == contexts[0][n] for c in contexts):
+        n += 1
+    return n
+
+
 @torch.no_grad()
-def sample_with_logprobs(model, tokenizer, contexts: list[list[int]], gen_cfg, seed: int) -> list[dict]:
+def prefix_cache(model, prefix: list[int]) -> DynamicCache:
+    """Keys and values of the shared prompt, computed once and copied for every batch."""
+    cache = DynamicCache(config=model.config)
+    if prefix:
+        model(input_ids=torch.tensor([prefix], device=model.device), past_key_values=cache, use_cache=True)
+    return cache
+
+
+@torch.no_grad()
+def sample_with_logprobs(
+    model, tokenizer, contexts: list[list[int]], gen_cfg, seed: int, prefix_len: int = 0, cache: DynamicCache | None = None
+) -> list[dict]:
     """Sample one continuation per context and keep the top-k log-probs at every generated position.
 
-    Contexts are left-padded into one batch. A continuation ends at (and includes) the first EOS, so
-    the student also learns where the teacher stops.
+    The first `prefix_len` tokens, the same in every context, are read from `cache` (the prompt's
+    keys and values) instead of being computed again. The rest of each context is left-padded
+    after that prefix; padding is masked and position ids skip it, so every row sees exactly its
+    own context. A continuation ends at (and includes) the first EOS, so the student also learns
+    where the teacher stops.
     """
     device = model.device
     pad_id = tokenizer.pad_token_id
-    length = max(len(c) for c in contexts)
+    suffixes = [c[prefix_len:] for c in contexts]
+    width = max(len(s) for s in suffixes)
+    length = prefix_len + width
     input_ids = torch.full((len(contexts), length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
-    for b, ctx in enumerate(contexts):
-        input_ids[b, length - len(ctx) :] = torch.tensor(ctx)
-        attention_mask[b, length - len(ctx) :] = 1
+    for b, (ctx, suffix) in enumerate(zip(contexts, suffixes)):
+        input_ids[b, :prefix_len] = torch.tensor(ctx[:prefix_len], dtype=torch.long)
+        attention_mask[b, :prefix_len] = 1
+        input_ids[b, length - len(suffix) :] = torch.tensor(suffix)
+        attention_mask[b, length - len(suffix) :] = 1
+    past = None
+    if prefix_len:
+        past = copy.deepcopy(cache)
+        past.batch_repeat_interleave(len(contexts))
     torch.manual_seed(seed)
     generated = model.generate(
         input_ids=input_ids.to(device),
         attention_mask=attention_mask.to(device),
+        past_key_values=past,
         do_sample=True,
         temperature=gen_cfg.temperature,
         top_p=gen_cfg.top_p,
@@ -93,7 +127,13 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 
 def sample_all(model, tokenizer, contexts, gen_cfg, desc: str) -> list[dict]:
-    """Batch the contexts (longest first, to waste little padding) and sample them all."""
+    """Batch the contexts (longest first, to waste little padding) and sample them all.
+
+    With `gen_cfg.prompt_cache`, the prefix all contexts share (the prompt) is run through the
+    model once, and every batch starts from a copy of its keys and values.
+    """
+    prefix_len = shared_prefix_length(contexts) if gen_cfg.prompt_cache else 0
+    cache = prefix_cache(model, contexts[0][:prefix_len]) if prefix_len else None
     order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
     results: list[dict] = [None] * len(contexts)
     bar = tqdm(total=len(contexts), desc=desc, unit="sample")
@@ -101,7 +141,9 @@ def sample_all(model, tokenizer, contexts, gen_cfg, desc: str) -> list[dict]:
         chunk = order[start : start + gen_cfg.batch_size]
         # The seed depends on the batch's first input, not on the order batches run in.
         seed = gen_cfg.seed * 1_000_003 + chunk[0]
-        for i, r in zip(chunk, sample_with_logprobs(model, tokenizer, [contexts[i] for i in chunk], gen_cfg, seed)):
+        for i, r in zip(chunk, sample_with_logprobs(
+            model, tokenizer, [contexts[i] for i in chunk], gen_cfg, seed, prefix_len, cache
+        )):
             results[i] = r
         bar.update(len(chunk))
     bar.close()

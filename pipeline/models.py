@@ -73,7 +73,19 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
 
 
 def load_model(path: str, dtype: str = "float32", device: str = "cpu"):
+    """Load a causal LM from an HF id or directory; a peft adapter directory is loaded and merged."""
+    if (Path(path) / "adapter_config.json").exists():
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).merge_and_unload()
+        return model.to(device).eval()
     if not (Path(path) / "config.json").exists() and Path(path).exists():
         raise FileNotFoundError(f"{path} exists but holds no config.json: not a Hugging Face model directory.")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     return model.to(device).eval()
+
+
+if __name__ == "__main__":  # `python -m pipeline.models`: convert the default model once (make setup does this)
+    from pipeline.config import PROJECT_ROOT
+
+    print(f"default model ready at {ensure_default_model(PROJECT_ROOT / 'models' / 'smollm2-135m-instruct')}")

