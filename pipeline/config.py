@@ -67,7 +67,7 @@ class GenerateConfig:
 
 @dataclass
 class ExtendConfig:
-    init: str = "prompt_mean"  # new row = prompt_mean | vocab_mean | random
+    init: str = "name_mean"  # new row = mean embedding of: name_mean (the tag's name) | prompt_mean | vocab_mean | random
 
 
 @dataclass
@@ -88,6 +88,7 @@ class TrainConfig:
     lora_targets: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
+    untagged_weight: float = 1.0  # weight of KL(start || student) on the same inputs without the tag (lora/full)
     merge_lora: bool = True  # save a plain merged model (loads with AutoModelForCausalLM); False: a peft adapter dir
     seed: int = 0
     logging_steps: int = 5

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from pipeline import extend, generate, outputs, train
 from pipeline.data import gather_positions, pad_examples
 from pipeline.formats import context_ids
-from pipeline.losses import full_kl, recovery
+from pipeline.losses import full_kl, recovery, suppress
 from pipeline.metatokens import Metatoken, job_metatoken
 from pipeline.models import load_model, load_tokenizer, resolve_model_path
 
@@ -41,15 +41,21 @@ def output_dir(cfg, metatoken: Metatoken) -> Path:
 
 
 @torch.no_grad()
-def continuation_logits(model, contexts, continuations, pad_id, batch_size: int, desc: str) -> list[torch.Tensor]:
-    """Logits [T_i, V] that predict each continuation token after its context, teacher-forced."""
+def continuation_logits(
+    model, contexts, continuations, pad_id, batch_size: int, desc: str, tag_ids: list[int] = ()
+) -> list[torch.Tensor]:
+    """Logits [T_i, V] that predict each continuation token after its context, teacher-forced.
+
+    Tags are suppressed, as the saved model's generation config does when it samples.
+    """
     result = []
     for start in tqdm(range(0, len(contexts), batch_size), desc=desc, unit="batch", leave=False):
         batch = pad_examples(contexts[start : start + batch_size], continuations[start : start + batch_size], pad_id)
         logits = model(
             input_ids=batch["input_ids"].to(model.device), attention_mask=batch["attention_mask"].to(model.device)
         ).logits
-        picked = gather_positions(logits, batch["output_positions"].to(model.device)).float().cpu()
+        picked = suppress(gather_positions(logits, batch["output_positions"].to(model.device)), list(tag_ids))
+        picked = picked.float().cpu()
         result.extend(picked[b, : int(batch["output_mask"][b].sum())] for b in range(picked.shape[0]))
     return result
 
@@ -60,18 +66,19 @@ def mean_kl(p_logits: list[torch.Tensor], q_logits: list[torch.Tensor]) -> float
     return per_token.mean().item()
 
 
-def score_student(student, tok, rows, teacher_logits, base_on_base, chat, eval_cfg, name) -> dict:
+def score_student(student, tok, rows, teacher_logits, base_on_base, chat, eval_cfg, name, tag_ids) -> dict:
     """Residual KL to the teacher on tagged inputs, and drift from the base on untagged ones."""
     tagged = [context_ids(tok, r["input"], "".join(r["tags"]), chat) for r in rows]
     student_logits = continuation_logits(
-        student, tagged, [r["output_ids"] for r in rows], tok.pad_token_id, eval_cfg.batch_size, f"{name} tagged"
+        student, tagged, [r["output_ids"] for r in rows], tok.pad_token_id, eval_cfg.batch_size, f"{name} tagged", tag_ids
     )
     scores = {"residual_kl": mean_kl(teacher_logits, student_logits)}
     if base_on_base is not None:
         drift_rows = [r for r in rows if r["base_output_ids"]]
         plain = [context_ids(tok, r["input"], None, chat) for r in drift_rows]
         student_plain = continuation_logits(
-            student, plain, [r["base_output_ids"] for r in drift_rows], tok.pad_token_id, eval_cfg.batch_size, f"{name} untagged"
+            student, plain, [r["base_output_ids"] for r in drift_rows], tok.pad_token_id, eval_cfg.batch_size,
+            f"{name} untagged", tag_ids,
         )
         scores["drift_kl"] = mean_kl(base_on_base, student_plain)
     return scores
@@ -79,8 +86,7 @@ def score_student(student, tok, rows, teacher_logits, base_on_base, chat, eval_c
 
 @torch.no_grad()
 def sample_student(student, tok, rows, chat, gen_cfg, eval_cfg) -> list[str]:
-    """The student's own answers with the tag; tags are blocked so it never writes one itself."""
-    tag_ids = [[i] for i in tok.convert_tokens_to_ids(sorted({t for r in rows for t in r["tags"]}))]
+    """The student's own answers with the tag (its generation config suppresses tags, so it never writes one)."""
     texts = []
     for r in rows:
         ids = torch.tensor([context_ids(tok, r["input"], "".join(r["tags"]), chat)], device=student.device)
@@ -93,7 +99,6 @@ def sample_student(student, tok, rows, chat, gen_cfg, eval_cfg) -> list[str]:
             top_p=gen_cfg.top_p,
             top_k=0,
             max_new_tokens=eval_cfg.sample_max_new_tokens,
-            bad_words_ids=tag_ids,
             pad_token_id=tok.pad_token_id,
         )
         texts.append(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
@@ -175,7 +180,8 @@ def run(cfg) -> Path:
     for name, path in (("init", ext_dir), ("student", train_dir)):
         tok = load_tokenizer(str(path))
         model = load_model(str(path), cfg.model.dtype, cfg.model.device)
-        scores = score_student(model, tok, rows, teacher_logits, base_on_base, chat, cfg.evaluate, name)
+        tag_ids = list(outputs.read_manifest(ext_dir)["tag_ids"].values())
+        scores = score_student(model, tok, rows, teacher_logits, base_on_base, chat, cfg.evaluate, name, tag_ids)
         prefix = "" if name == "student" else "init_"
         metrics[prefix + "residual_kl"] = scores["residual_kl"]
         metrics[prefix + "recovery"] = recovery(effect, scores["residual_kl"])

@@ -1,7 +1,11 @@
 """Stage 2, extend: add the tags to the tokenizer as special tokens and give their embeddings a start.
 
-Each new row starts from the prompt the tag stands for (`prompt_mean`: the mean embedding of the
-prompt's tokens), from the mean of the whole vocabulary (`vocab_mean`), or at random (`random`).
+Each new row starts from the mean embedding of the words in the tag's name (`name_mean`, the
+default: `<pirate>` starts as " pirate"), of the prompt's tokens (`prompt_mean`), of the whole
+vocabulary (`vocab_mean`), or at random (`random`). Measured on SmolLM2 with the pirate prompt
+(KL to the teacher on held-out samples, nats/token; no prompt at all: 0.247): name_mean 0.248,
+vocab_mean 0.296, prompt_mean 7.49. A mean over hundreds of prompt tokens is an input the model
+has never seen and it derails it, so prompt_mean is kept only for comparison.
 Existing ids keep their rows, so the model's logits on untagged text do not change; the only new
 thing it can do is put (tiny) probability on the new token, which generation blocks.
 
@@ -20,7 +24,7 @@ from pipeline.metatokens import ConfigError, Metatoken, job_metatoken
 from pipeline.models import load_model, load_tokenizer, resolve_model_path
 
 log = logging.getLogger(__name__)
-INIT_RULES = ("prompt_mean", "vocab_mean", "random")
+INIT_RULES = ("name_mean", "prompt_mean", "vocab_mean", "random")
 
 
 def stage_key(cfg, metatokens: list[Metatoken]) -> dict:
@@ -55,14 +59,19 @@ def add_tag_tokens(tokenizer, tags: list[str]) -> dict[str, int]:
     return ids
 
 
-def initial_rows(embeddings: torch.Tensor, prompt_ids: list[list[int]], rule: str, seed: int = 0) -> torch.Tensor:
+def initial_rows(
+    embeddings: torch.Tensor, prompt_ids: list[list[int]], rule: str, name_ids: list[list[int]] | None = None, seed: int = 0
+) -> torch.Tensor:
     """One starting row per tag, from the existing embedding matrix [V, H].
 
     Args:
         embeddings: the model's input embedding matrix before resizing.
         prompt_ids: for each tag, the token ids of the prompt it stands for.
         rule: one of INIT_RULES.
+        name_ids: for each tag, the token ids of its name as words (for `name_mean`).
     """
+    if rule == "name_mean":
+        return torch.stack([embeddings[ids].mean(0) for ids in name_ids])
     if rule == "prompt_mean":
         return torch.stack([embeddings[ids].mean(0) for ids in prompt_ids])
     if rule == "vocab_mean":
@@ -79,7 +88,8 @@ def extend_model(model, tokenizer, metatokens: list[Metatoken], rule: str) -> di
     old_rows = model.get_input_embeddings().weight.detach().clone()
     ids = add_tag_tokens(tokenizer, [m.tag for m in metatokens])
     prompt_ids = [tokenizer(m.prompt, add_special_tokens=False)["input_ids"] for m in metatokens]
-    rows = initial_rows(old_rows, prompt_ids, rule)
+    name_ids = [tokenizer(" " + m.name.replace("_", " "), add_special_tokens=False)["input_ids"] for m in metatokens]
+    rows = initial_rows(old_rows, prompt_ids, rule, name_ids)
     # mean_resizing=False: we set the new rows ourselves; old rows are copied unchanged either way.
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     with torch.no_grad():
@@ -87,10 +97,9 @@ def extend_model(model, tokenizer, metatokens: list[Metatoken], rule: str) -> di
         for row, tag in zip(rows, ids):
             weight[ids[tag]] = row.to(weight.dtype)
         output = model.get_output_embeddings()
-        if output is not None and output.weight is not weight:  # untied head: zero row, logit 0 for the tag
+        if output is not None and output.weight is not weight:  # untied head: a zero row, logit 0 for the tag
             output.weight[list(ids.values())] = 0.0
-            if getattr(output, "bias", None) is not None:
-                output.bias[list(ids.values())] = -1e4
+    model.generation_config.suppress_tokens = sorted(ids.values())  # never generate a tag
     return ids
 
 

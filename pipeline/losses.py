@@ -9,6 +9,18 @@ import torch
 import torch.nn.functional as F
 
 
+def suppress(logits: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
+    """Give `token_ids` (the tags) no probability: the student reads tags but never writes them.
+
+    Generation does the same through `generation_config.suppress_tokens`, so every score we report
+    is for the distribution the saved model actually samples from. A large finite value (not -inf)
+    keeps 0 * log 0 terms at 0 instead of NaN.
+    """
+    if not token_ids:
+        return logits
+    return logits.index_fill(-1, torch.tensor(token_ids, device=logits.device), -1e4)
+
+
 def full_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     """KL(p || q) per position from full logits.
 

@@ -17,10 +17,11 @@ The result is a plain Hugging Face directory (model + tokenizer; LoRA merged unl
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import math
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ from transformers import Trainer, TrainingArguments, get_scheduler
 from pipeline import extend, generate, outputs
 from pipeline.data import gather_positions, pad_2d, pad_examples
 from pipeline.formats import context_ids
-from pipeline.losses import masked_mean, token_cross_entropy, topk_kl
+from pipeline.losses import full_kl, masked_mean, suppress, token_cross_entropy, topk_kl
 from pipeline.metatokens import ConfigError, Metatoken, job_metatoken
 from pipeline.models import load_model, load_tokenizer
 
@@ -54,12 +55,17 @@ def output_dir(cfg, metatoken: Metatoken) -> Path:
 
 
 def build_examples(records, tokenizer, chat: bool) -> list[dict]:
-    """Student examples: the tag(s) in place of the prompt, then the teacher's continuation."""
+    """Student examples: the tag(s) in place of the prompt, then the teacher's continuation.
+
+    `plain_context_ids` is the same input with no tag, for the term that keeps untagged
+    behaviour in place.
+    """
     examples = []
     for r in records:
         examples.append(
             {
                 "context_ids": context_ids(tokenizer, r["input"], "".join(r["tags"]), chat),
+                "plain_context_ids": context_ids(tokenizer, r["input"], None, chat),
                 "output_ids": r["output_ids"],
                 "topk_ids": r["topk_ids"],
                 "topk_logprobs": r["topk_logprobs"],
@@ -80,13 +86,20 @@ class DistillCollator:
         batch["output_ids"] = pad_2d([[[t] for t in e["output_ids"]] for e in examples], 1, 0, torch.long)[..., 0]
         batch["topk_ids"] = pad_2d([e["topk_ids"] for e in examples], k, 0, torch.long)
         batch["topk_logprobs"] = pad_2d([e["topk_logprobs"] for e in examples], k, -1e4, torch.float)
+        plain = pad_examples([e["plain_context_ids"] for e in examples], [e["output_ids"] for e in examples], self.pad_id)
+        batch.update({f"plain_{name}": value for name, value in plain.items()})
         return batch
 
 
-def distill_loss(model, batch: dict, objective: str) -> torch.Tensor:
-    """Mean per-token loss of the student on the teacher's continuations."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    student = gather_positions(logits, batch["output_positions"])
+def continuation_logits(model, batch: dict, tag_ids: list[int], prefix: str = "") -> torch.Tensor:
+    """Logits [B, T, V] that predict each continuation token (teacher-forced), tags suppressed."""
+    logits = model(input_ids=batch[prefix + "input_ids"], attention_mask=batch[prefix + "attention_mask"]).logits
+    return suppress(gather_positions(logits, batch[prefix + "output_positions"]), tag_ids)
+
+
+def distill_loss(model, batch: dict, objective: str, tag_ids: list[int]) -> torch.Tensor:
+    """Mean per-token loss of the student (reading the tag) on the teacher's continuations."""
+    student = continuation_logits(model, batch, tag_ids)
     if objective == "kl":
         per_token = topk_kl(student, batch["topk_ids"], batch["topk_logprobs"])
     else:
@@ -94,15 +107,32 @@ def distill_loss(model, batch: dict, objective: str) -> torch.Tensor:
     return masked_mean(per_token, batch["output_mask"])
 
 
+def preserve_loss(model, reference, batch: dict, tag_ids: list[int]) -> torch.Tensor:
+    """KL(reference || student) on the same inputs without a tag: keeps untagged behaviour in place.
+
+    `reference` is a context manager factory that yields the frozen starting model (for LoRA, the
+    same model with its adapters switched off, so no second copy is held in memory).
+    """
+    with torch.no_grad(), reference() as ref:
+        target = continuation_logits(ref, batch, tag_ids, "plain_")
+    student = continuation_logits(model, batch, tag_ids, "plain_")
+    return masked_mean(full_kl(target, student), batch["plain_output_mask"])
+
+
 class DistillTrainer(Trainer):
     """HF Trainer with the distillation loss (it keeps checkpoints, logging, DeepSpeed and DDP)."""
 
-    def __init__(self, *args, objective: str, **kwargs):
+    def __init__(self, *args, objective: str, tag_ids: list[int], untagged_weight: float = 0.0, reference=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.objective = objective
+        self.tag_ids = tag_ids
+        self.untagged_weight = untagged_weight
+        self.reference = reference
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = distill_loss(model, inputs, self.objective)
+        loss = distill_loss(model, inputs, self.objective, self.tag_ids)
+        if self.untagged_weight > 0 and self.reference is not None:
+            loss = loss + self.untagged_weight * preserve_loss(model, self.reference, inputs, self.tag_ids)
         return (loss, None) if return_outputs else loss
 
 
@@ -142,7 +172,25 @@ def prepare_trainable(model, train_cfg, tag_ids: list[int]):
     return model, groups
 
 
-def save_student(model, tokenizer, out: Path, merge_lora: bool) -> None:
+def reference_model(model, params: str, ext_dir: Path, cfg):
+    """A frozen copy of the starting model for the untagged term (None where nothing can drift)."""
+    if params == "embedding":
+        return None  # only the tag row trains, and untagged inputs never read it
+    if params == "lora":
+        return lambda: _adapters_off(model)
+    frozen = load_model(str(ext_dir), cfg.model.dtype, "cpu").requires_grad_(False)
+    return lambda: contextlib.nullcontext(frozen)
+
+
+@contextlib.contextmanager
+def _adapters_off(model):
+    with model.disable_adapter():
+        yield model
+
+
+def save_student(model, tokenizer, out: Path, merge_lora: bool, tag_ids: list[int]) -> None:
+    # generate() in plain transformers then never writes a tag (the student reads tags, never emits them).
+    model.generation_config.suppress_tokens = sorted(tag_ids)
     if hasattr(model, "merge_and_unload") and merge_lora:
         model = model.merge_and_unload()
     elif hasattr(model, "merge_and_unload"):
@@ -205,10 +253,13 @@ def run(cfg) -> Path:
             data_collator=DistillCollator(tokenizer.pad_token_id),
             optimizers=(optimizer, scheduler),
             objective=train_cfg.objective,
+            tag_ids=tag_ids,
+            untagged_weight=train_cfg.untagged_weight,
+            reference=reference_model(model, train_cfg.params, ext_dir, cfg) if train_cfg.untagged_weight > 0 else None,
         )
         checkpoints = sorted((work / "checkpoints").glob("checkpoint-*"))
         result = trainer.train(resume_from_checkpoint=bool(checkpoints))
-        save_student(trainer.model, tokenizer, work, train_cfg.merge_lora)
+        save_student(trainer.model, tokenizer, work, train_cfg.merge_lora, tag_ids)
         outputs.write_json(work / "train_log.json", trainer.state.log_history)
         manifest.update(
             base_extended=str(ext_dir),
@@ -217,8 +268,6 @@ def run(cfg) -> Path:
             final_loss=result.training_loss,
             train_seconds=round(result.metrics.get("train_runtime", 0.0), 1),
         )
-        import shutil
-
         shutil.rmtree(work / "checkpoints", ignore_errors=True)
     log.info("train: %d examples, %d steps, loss %.4f -> %s", len(examples), total_steps, result.training_loss, out_dir)
     return out_dir
