@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: help setup demo test test-fast clean
+.PHONY: help setup demo test test-fast clean bench
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -31,3 +31,6 @@ test-fast:  ## the tests without the real-model chain
 
 clean:  ## remove stage outputs (keeps the converted model)
 	rm -rf outputs
+
+bench:  ## generation and training throughput under 1k/4k-token prompts -> bench.json (~10 min on 2 CPU cores)
+	$(PY) benchmarks/bench.py

@@ -73,6 +73,7 @@ class ExtendConfig:
 @dataclass
 class TrainConfig:
     objective: str = "kl"  # kl: match the teacher's recorded top-k distribution; sft: cross-entropy on its samples
+    teacher: str = "recorded"  # kl targets: recorded (top-k saved by generate) | online (full distribution, computed now from the prompt cache)
     params: str = "lora"  # embedding: only the new rows; lora: LoRA adapters + new rows; full: everything
     epochs: float = 3.0
     max_steps: int = -1  # > 0 overrides epochs

@@ -9,20 +9,19 @@ evaluation uses to measure drift and to show samples side by side.
 """
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 
 import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
-from transformers import DynamicCache
 
 from pipeline import outputs
 from pipeline.data import load_inputs, split_inputs
 from pipeline.formats import context_ids
 from pipeline.metatokens import Metatoken, job_metatoken
 from pipeline.models import load_model, load_tokenizer, resolve_model_path
+from pipeline.teacher import batch_cache, prefix_cache, shared_prefix_length
 
 log = logging.getLogger(__name__)
 
@@ -41,27 +40,9 @@ def output_dir(cfg, metatoken: Metatoken) -> Path:
     return outputs.stage_dir(cfg.paths.outputs, "generate", metatoken.name, stage_key(cfg, metatoken))
 
 
-def shared_prefix_length(contexts: list[list[int]]) -> int:
-    """How many leading token ids all contexts share (kept below the shortest, so each has a suffix)."""
-    shortest = min(len(c) for c in contexts)
-    n = 0
-    while n < shortest - 1 and all(c[n] == contexts[0][n] for c in contexts):
-        n += 1
-    return n
-
-
-@torch.no_grad()
-def prefix_cache(model, prefix: list[int]) -> DynamicCache:
-    """Keys and values of the shared prompt, computed once and copied for every batch."""
-    cache = DynamicCache(config=model.config)
-    if prefix:
-        model(input_ids=torch.tensor([prefix], device=model.device), past_key_values=cache, use_cache=True)
-    return cache
-
-
 @torch.no_grad()
 def sample_with_logprobs(
-    model, tokenizer, contexts: list[list[int]], gen_cfg, seed: int, prefix_len: int = 0, cache: DynamicCache | None = None
+    model, tokenizer, contexts: list[list[int]], gen_cfg, seed: int, prefix_len: int = 0, cache=None
 ) -> list[dict]:
     """Sample one continuation per context and keep the top-k log-probs at every generated position.
 
@@ -83,10 +64,7 @@ def sample_with_logprobs(
         attention_mask[b, :prefix_len] = 1
         input_ids[b, length - len(suffix) :] = torch.tensor(suffix)
         attention_mask[b, length - len(suffix) :] = 1
-    past = None
-    if prefix_len:
-        past = copy.deepcopy(cache)
-        past.batch_repeat_interleave(len(contexts))
+    past = batch_cache(cache, len(contexts)) if prefix_len else None
     torch.manual_seed(seed)
     generated = model.generate(
         input_ids=input_ids.to(device),

@@ -34,10 +34,12 @@ from pipeline.formats import context_ids
 from pipeline.losses import full_kl, masked_mean, suppress, token_cross_entropy, topk_kl
 from pipeline.metatokens import ConfigError, Metatoken, job_metatoken
 from pipeline.models import load_model, load_tokenizer
+from pipeline.teacher import CachedPromptTeacher
 
 log = logging.getLogger(__name__)
 OBJECTIVES = ("kl", "sft")
 PARAMS = ("embedding", "lora", "full")
+TEACHERS = ("recorded", "online")
 
 
 def stage_key(cfg, metatoken: Metatoken) -> dict:
@@ -54,16 +56,18 @@ def output_dir(cfg, metatoken: Metatoken) -> Path:
     return outputs.stage_dir(cfg.paths.outputs, "train", metatoken.name, stage_key(cfg, metatoken))
 
 
-def build_examples(records, tokenizer, chat: bool) -> list[dict]:
+def build_examples(records, tokenizer, chat: bool, teacher=None) -> list[dict]:
     """Student examples: the tag(s) in place of the prompt, then the teacher's continuation.
 
     `plain_context_ids` is the same input with no tag, for the term that keeps untagged
-    behaviour in place.
+    behaviour in place; with an online teacher, `teacher_suffix_ids` is the teacher's context
+    after its cached prompt.
     """
     examples = []
     for r in records:
         examples.append(
             {
+                **({"teacher_suffix_ids": teacher.suffix_ids(r["input"])} if teacher else {}),
                 "context_ids": context_ids(tokenizer, r["input"], "".join(r["tags"]), chat),
                 "plain_context_ids": context_ids(tokenizer, r["input"], None, chat),
                 "output_ids": r["output_ids"],
@@ -88,6 +92,9 @@ class DistillCollator:
         batch["topk_logprobs"] = pad_2d([e["topk_logprobs"] for e in examples], k, -1e4, torch.float)
         plain = pad_examples([e["plain_context_ids"] for e in examples], [e["output_ids"] for e in examples], self.pad_id)
         batch.update({f"plain_{name}": value for name, value in plain.items()})
+        if "teacher_suffix_ids" in examples[0]:
+            batch["teacher_suffix_ids"] = [e["teacher_suffix_ids"] for e in examples]
+            batch["continuations"] = [e["output_ids"] for e in examples]
         return batch
 
 
@@ -97,10 +104,17 @@ def continuation_logits(model, batch: dict, tag_ids: list[int], prefix: str = ""
     return suppress(gather_positions(logits, batch[prefix + "output_positions"]), tag_ids)
 
 
-def distill_loss(model, batch: dict, objective: str, tag_ids: list[int]) -> torch.Tensor:
-    """Mean per-token loss of the student (reading the tag) on the teacher's continuations."""
+def distill_loss(model, batch: dict, objective: str, tag_ids: list[int], teacher=None) -> torch.Tensor:
+    """Mean per-token loss of the student (reading the tag) on the teacher's continuations.
+
+    With an online `teacher`, `kl` matches its full distribution computed now from the prompt
+    cache; otherwise the top-k recorded while generating.
+    """
     student = continuation_logits(model, batch, tag_ids)
-    if objective == "kl":
+    if objective == "kl" and teacher is not None:
+        target = suppress(teacher.continuation_logits(batch["teacher_suffix_ids"], batch["continuations"]), tag_ids)
+        per_token = full_kl(target, student)
+    elif objective == "kl":
         per_token = topk_kl(student, batch["topk_ids"], batch["topk_logprobs"])
     else:
         per_token = token_cross_entropy(student, batch["output_ids"])
@@ -122,15 +136,18 @@ def preserve_loss(model, reference, batch: dict, tag_ids: list[int]) -> torch.Te
 class DistillTrainer(Trainer):
     """HF Trainer with the distillation loss (it keeps checkpoints, logging, DeepSpeed and DDP)."""
 
-    def __init__(self, *args, objective: str, tag_ids: list[int], untagged_weight: float = 0.0, reference=None, **kwargs):
+    def __init__(
+        self, *args, objective: str, tag_ids: list[int], untagged_weight=0.0, reference=None, teacher=None, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         self.objective = objective
+        self.teacher = teacher
         self.tag_ids = tag_ids
         self.untagged_weight = untagged_weight
         self.reference = reference
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = distill_loss(model, inputs, self.objective, self.tag_ids)
+        loss = distill_loss(model, inputs, self.objective, self.tag_ids, self.teacher)
         if self.untagged_weight > 0 and self.reference is not None:
             loss = loss + self.untagged_weight * preserve_loss(model, self.reference, inputs, self.tag_ids)
         return (loss, None) if return_outputs else loss
@@ -172,10 +189,11 @@ def prepare_trainable(model, train_cfg, tag_ids: list[int]):
     return model, groups
 
 
-def reference_model(model, params: str, ext_dir: Path, cfg):
-    """A frozen copy of the starting model for the untagged term (None where nothing can drift)."""
+def frozen_start(model, params: str, ext_dir: Path, cfg):
+    """A context-manager factory yielding the frozen starting model (the untagged term's reference
+    and the online teacher)."""
     if params == "embedding":
-        return None  # only the tag row trains, and untagged inputs never read it
+        return lambda: contextlib.nullcontext(model)  # only the tag row trains; nothing else can change
     if params == "lora":
         return lambda: _adapters_off(model)
     frozen = load_model(str(ext_dir), cfg.model.dtype, "cpu").requires_grad_(False)
@@ -209,6 +227,8 @@ def run(cfg) -> Path:
         log.info("train: %s is complete, nothing to do", out_dir)
         return out_dir
     train_cfg = cfg.train
+    if train_cfg.teacher not in TEACHERS:
+        raise ConfigError(f"train.teacher is {train_cfg.teacher!r}. Fix: use one of {', '.join(TEACHERS)}.")
     if train_cfg.objective not in OBJECTIVES:
         raise ConfigError(f"train.objective is {train_cfg.objective!r}. Fix: use one of {', '.join(OBJECTIVES)}.")
     gen_dir, ext_dir = generate.output_dir(cfg, metatoken), extend.output_dir(cfg, [metatoken])
@@ -221,7 +241,9 @@ def run(cfg) -> Path:
     tag_ids = list(outputs.read_manifest(ext_dir)["tag_ids"].values())
     model, groups = prepare_trainable(model, train_cfg, tag_ids)
     model.train()
-    examples = build_examples(records, tokenizer, cfg.model.chat)
+    frozen = frozen_start(model, train_cfg.params, ext_dir, cfg)
+    teacher = CachedPromptTeacher(frozen, tokenizer, metatoken.prompt, cfg.model.chat) if train_cfg.teacher == "online" else None
+    examples = build_examples(records, tokenizer, cfg.model.chat, teacher)
 
     with outputs.atomic_stage_dir(out_dir, "train", stage_key(cfg, metatoken), keep_partial=True) as (work, manifest):
         steps_per_epoch = math.ceil(len(examples) / (train_cfg.batch_size * train_cfg.grad_accum))
@@ -254,8 +276,10 @@ def run(cfg) -> Path:
             optimizers=(optimizer, scheduler),
             objective=train_cfg.objective,
             tag_ids=tag_ids,
-            untagged_weight=train_cfg.untagged_weight,
-            reference=reference_model(model, train_cfg.params, ext_dir, cfg) if train_cfg.untagged_weight > 0 else None,
+            # untagged inputs never read the tag row, so with `embedding` there is nothing to preserve
+            untagged_weight=train_cfg.untagged_weight if train_cfg.params != "embedding" else 0.0,
+            reference=frozen,
+            teacher=teacher,
         )
         checkpoints = sorted((work / "checkpoints").glob("checkpoint-*"))
         result = trainer.train(resume_from_checkpoint=bool(checkpoints))

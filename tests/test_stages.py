@@ -5,7 +5,8 @@ from omegaconf import OmegaConf
 
 from pipeline.extend import add_tag_tokens, extend_model, initial_rows
 from pipeline.formats import context_ids
-from pipeline.generate import sample_all, shared_prefix_length
+from pipeline.generate import sample_all
+from pipeline.teacher import shared_prefix_length
 from pipeline.metatokens import ConfigError, Metatoken
 from pipeline.models import load_model, load_tokenizer
 
@@ -94,3 +95,33 @@ def test_recorded_logprobs_are_the_models_own_distribution(tiny):
     top, ids = torch.log_softmax(logits, -1).topk(4, dim=-1)
     assert ids.tolist() == sample["topk_ids"]
     assert torch.allclose(top, torch.tensor(sample["topk_logprobs"]), atol=1e-4)
+
+
+def test_cached_prompt_teacher_matches_reading_the_whole_prompt(tiny):
+    import contextlib
+
+    from pipeline.evaluate import continuation_logits
+    from pipeline.teacher import CachedPromptTeacher
+
+    model, tok = tiny
+    teacher = CachedPromptTeacher(lambda: contextlib.nullcontext(model), tok, KIND.prompt, chat=True)
+    assert len(teacher.prefix) > 10
+    texts = ["How do I boil an egg?", "Write a two line poem about autumn leaves please."]
+    outs = [[5, 6, 7, 8], [9, 10]]
+    cached = teacher.continuation_logits([teacher.suffix_ids(t) for t in texts], outs)
+    full = continuation_logits(model, [context_ids(tok, t, KIND.prompt, True) for t in texts], outs, tok.pad_token_id, 2, "x")
+    assert torch.allclose(cached[0, :4], full[0], atol=1e-4)
+    assert torch.allclose(cached[1, :2], full[1], atol=1e-4)
+
+
+def test_online_teacher_trains_end_to_end(tiny_cfg):
+    import json
+
+    from pipeline import evaluate
+    from pipeline.__main__ import run_stages
+    from pipeline.metatokens import job_metatoken
+
+    cfg = tiny_cfg("train.teacher=online", "train.max_steps=4", "train.embedding_lr=0.05")
+    run_stages(cfg)
+    m = json.loads((evaluate.output_dir(cfg, job_metatoken(cfg)) / "report.json").read_text())["metrics"]
+    assert m["residual_kl"] < m["init_residual_kl"]

@@ -1,0 +1,188 @@
+"""Benchmark: generation and distillation under long prompts, the prompt paid for once.
+
+    make bench                      # = python benchmarks/bench.py; writes bench.json, prints a table
+    python benchmarks/bench.py --prompt-tokens 1000 4000 --samples 16
+
+Every case runs in its own subprocess (so each peak-memory figure is that case's own) and all
+cases run in one invocation, side by side, so the ratios hold on a noisy machine. Model loading
+is not timed; building the prompt cache is (it is part of the work).
+
+Generation cases, per prompt length (tokens/s = generated tokens / wall seconds):
+- naive:     Hugging Face `generate` per sample on the full prompt (recording logits, as we do);
+- cached:    this project: the prompt's keys/values computed once, batched sampling;
+- no_prompt: the same batched sampler with no prompt at all.
+Training cases (LoRA student, same data; tokens/s = continuation tokens trained / wall seconds):
+- kl_online:   teacher distributions computed during training from the prompt cache;
+- kl_recorded: the top-k recorded at generation;
+- sft:         plain cross-entropy on the teacher's samples.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from any checkout, installed or not
+MODEL = ROOT / "models" / "smollm2-135m-instruct"
+
+
+def long_prompt(tokenizer, n_tokens: int) -> str:
+    """A system prompt of exactly about n tokens, made from the shipped metatoken prompts."""
+    text = "\n\n".join(p.read_text() for p in sorted((ROOT / "data" / "prompts").glob("*.txt")))
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = (ids * (n_tokens // len(ids) + 1))[:n_tokens]
+    return tokenizer.decode(ids)
+
+
+def requests(n: int) -> list[str]:
+    lines = (ROOT / "data" / "inputs" / "requests.jsonl").read_text().splitlines()
+    return [json.loads(line)["text"] for line in lines[:n]]
+
+
+def run_case(case: str, prompt_tokens: int, samples: int, new_tokens: int, steps: int) -> dict:
+    import torch
+    from omegaconf import OmegaConf
+
+    from pipeline.formats import context_ids
+    from pipeline.generate import sample_all
+    from pipeline.models import ensure_default_model, load_model, load_tokenizer
+
+    torch.manual_seed(0)
+    path = str(ensure_default_model(MODEL))
+    tok, model = load_tokenizer(path), load_model(path)
+    prompt = long_prompt(tok, prompt_tokens)
+    texts = requests(samples)
+    gen_cfg = OmegaConf.create(
+        dict(temperature=0.8, top_p=0.95, max_new_tokens=new_tokens, logprobs_top_k=32, batch_size=8, seed=0, prompt_cache=True)
+    )
+    contexts = [context_ids(tok, t, prompt, chat=True) for t in texts]
+    if case.startswith("gen_"):
+        start = time.perf_counter()
+        if case == "gen_naive":
+            produced = 0
+            for ctx in contexts:
+                out = model.generate(
+                    torch.tensor([ctx]), do_sample=True, temperature=0.8, top_p=0.95, top_k=0,
+                    max_new_tokens=new_tokens, min_new_tokens=new_tokens, output_logits=True,
+                    return_dict_in_generate=True, pad_token_id=tok.pad_token_id,
+                )
+                produced += out.sequences.shape[1] - len(ctx)
+        else:
+            if case == "gen_no_prompt":
+                contexts = [context_ids(tok, t, None, chat=True) for t in texts]
+            model.generation_config.min_new_tokens = new_tokens  # same token count in every case
+            results = sample_all(model, tok, contexts, gen_cfg, case)
+            produced = sum(len(r["output_ids"]) for r in results)
+        seconds = time.perf_counter() - start
+        return {"tokens": produced, "seconds": seconds, "tokens_per_s": produced / seconds}
+
+    # Training cases: a LoRA student on the teacher's samples (made untimed, with the cached sampler).
+    from pipeline.extend import extend_model
+    from pipeline.metatokens import Metatoken
+    from pipeline.teacher import CachedPromptTeacher
+    from pipeline.train import DistillCollator, build_examples, distill_loss, prepare_trainable
+
+    model.generation_config.min_new_tokens = new_tokens
+    samples_out = sample_all(model, tok, contexts, gen_cfg, "teacher samples")
+    tag_ids = list(extend_model(model, tok, [Metatoken("<bench>", prompt, "bench")], "name_mean").values())
+    records = [{"input": t, "tags": ["<bench>"], **s} for t, s in zip(texts, samples_out)]
+    train_cfg = OmegaConf.create(dict(params="lora", lr=1e-3, embedding_lr=1e-2, lora_r=16, lora_alpha=32,
+                                      lora_dropout=0.0, lora_targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    model, groups = prepare_trainable(model, train_cfg, tag_ids)
+    optimizer = torch.optim.AdamW(groups)
+    start = time.perf_counter()
+    teacher = None
+    if case == "train_kl_online":
+        teacher = CachedPromptTeacher(lambda: _adapters_off(model), tok, prompt, chat=True)
+    examples = build_examples(records, tok, True, teacher)
+    collate = DistillCollator(tok.pad_token_id)
+    objective = "sft" if case == "train_sft" else "kl"
+    trained = 0
+    for step in range(steps):
+        chunk = [examples[(step * 4 + i) % len(examples)] for i in range(4)]
+        batch = collate(chunk)
+        loss = distill_loss(model, batch, objective, tag_ids, teacher)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        trained += int(batch["output_mask"].sum())
+    seconds = time.perf_counter() - start
+    return {"tokens": trained, "seconds": seconds, "tokens_per_s": trained / seconds, "final_loss": loss.item()}
+
+
+@contextlib.contextmanager
+def _adapters_off(model):
+    with model.disable_adapter():
+        yield model
+
+
+CASES = ["gen_naive", "gen_cached", "gen_no_prompt", "train_kl_online", "train_kl_recorded", "train_sft"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompt-tokens", type=int, nargs="+", default=[1000, 4000])
+    parser.add_argument("--samples", type=int, default=16, help="inputs sampled per generation case")
+    parser.add_argument("--naive-samples", type=int, default=4, help="fewer for the slow naive path")
+    parser.add_argument("--new-tokens", type=int, default=24)
+    parser.add_argument("--steps", type=int, default=4, help="training steps (batch 4) per training case")
+    parser.add_argument("--out", default=str(ROOT / "bench.json"))
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.case:  # child process: one case, one JSON line
+        result = run_case(args.case, args.prompt_tokens[0], args.samples, args.new_tokens, args.steps)
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print("RESULT " + json.dumps(result))
+        return
+
+    results = []
+    for n in args.prompt_tokens:
+        for case in CASES:
+            samples = args.naive_samples if case == "gen_naive" else args.samples
+            cmd = [sys.executable, __file__, "--case", case, "--prompt-tokens", str(n), "--samples", str(samples),
+                   "--new-tokens", str(args.new_tokens), "--steps", str(args.steps)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+            if line is None:
+                sys.exit(f"case {case} at {n} tokens failed:\n{proc.stderr[-3000:]}")
+            results.append({"case": case, "prompt_tokens": n, "samples": samples, **json.loads(line[7:])})
+            print(f"  {case:18s} prompt {n:5d}: {results[-1]['tokens_per_s']:8.1f} tok/s", flush=True)
+
+    def rate(case, n):
+        return next(r["tokens_per_s"] for r in results if r["case"] == case and r["prompt_tokens"] == n)
+
+    ratios = {}
+    for n in args.prompt_tokens:
+        ratios[f"gen_cached_over_naive@{n}"] = rate("gen_cached", n) / rate("gen_naive", n)
+        ratios[f"gen_cached_over_no_prompt@{n}"] = rate("gen_cached", n) / rate("gen_no_prompt", n)
+        ratios[f"train_online_time_over_sft@{n}"] = rate("train_sft", n) / rate("train_kl_online", n)
+        ratios[f"train_recorded_time_over_sft@{n}"] = rate("train_sft", n) / rate("train_kl_recorded", n)
+    import torch
+
+    report = {
+        "machine": {"cpu_count": __import__("os").cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+                    "device": "cpu"},
+        "settings": vars(args),
+        "results": results,
+        "ratios": ratios,
+    }
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\n| case | prompt tokens | tokens/s | peak RSS MB |\n|---|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['case']} | {r['prompt_tokens']} | {r['tokens_per_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+    print("\n| ratio | value |\n|---|---:|")
+    for k, v in ratios.items():
+        print(f"| {k} | {v:.2f} |")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
