@@ -25,6 +25,7 @@ class PathsConfig:
     data: str = "${paths.root}/data"  # shipped inputs and prompt files
     models: str = "${paths.root}/models"  # converted base models (the default GGUF model lands here)
     outputs: str = "${paths.root}/outputs"  # one folder per stage run, keyed by config hash
+    metatokens: str = "${paths.root}/conf/metatoken"  # every metatoken definition (for nested tags)
 
 
 @dataclass
@@ -61,6 +62,8 @@ class GenerateConfig:
     logprobs_top_k: int = 32  # how many teacher log-probs to keep per position
     batch_size: int = 16
     seed: int = 0
+    teacher_mode: str = "expand"  # nested tags: expand (base model reads the fully expanded prompt) | bootstrap
+    bootstrap_model: Optional[str] = None  # bootstrap: a trained output that knows the inner tags (teacher and student start)
     prompt_cache: bool = True  # compute the shared prompt's keys/values once and reuse them for every batch
     base_samples: bool = True  # also sample the model without prompt on held-out inputs (for drift + side-by-side)
 

@@ -164,7 +164,9 @@ def run(cfg) -> Path:
     base = load_model(base_path, cfg.model.dtype, cfg.model.device)
     outputs_ids = [r["output_ids"] for r in rows]
 
-    teacher_ctx = [context_ids(base_tok, r["input"], metatoken.prompt, chat) for r in rows]
+    # The reference teacher is always the base model reading the fully expanded prompt, whatever
+    # teacher generated the training data, so recovery means the same thing in both nesting modes.
+    teacher_ctx = [context_ids(base_tok, r["input"], metatoken.expanded, chat) for r in rows]
     plain_ctx = [context_ids(base_tok, r["input"], None, chat) for r in rows]
     teacher_logits = continuation_logits(base, teacher_ctx, outputs_ids, base_tok.pad_token_id, bs, "teacher")
     base_logits = continuation_logits(base, plain_ctx, outputs_ids, base_tok.pad_token_id, bs, "base")

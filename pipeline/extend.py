@@ -21,7 +21,7 @@ from tokenizers import AddedToken
 
 from pipeline import outputs
 from pipeline.metatokens import ConfigError, Metatoken, job_metatoken
-from pipeline.models import load_model, load_tokenizer, resolve_model_path
+from pipeline.models import load_model, load_tokenizer, start_model_path
 
 log = logging.getLogger(__name__)
 INIT_RULES = ("name_mean", "prompt_mean", "vocab_mean", "random")
@@ -32,6 +32,7 @@ def stage_key(cfg, metatokens: list[Metatoken]) -> dict:
         "model": outputs.model_key(cfg.model),
         "tags": {m.tag: m.prompt_sha for m in metatokens},
         "extend": outputs.plain(cfg.extend),
+        "start": outputs.model_key(cfg.model) if cfg.generate.teacher_mode == "expand" else cfg.generate.bootstrap_model,
     }
 
 
@@ -87,7 +88,7 @@ def extend_model(model, tokenizer, metatokens: list[Metatoken], rule: str) -> di
     """Add the tags to tokenizer and model in place; returns tag -> id."""
     old_rows = model.get_input_embeddings().weight.detach().clone()
     ids = add_tag_tokens(tokenizer, [m.tag for m in metatokens])
-    prompt_ids = [tokenizer(m.prompt, add_special_tokens=False)["input_ids"] for m in metatokens]
+    prompt_ids = [tokenizer(m.expanded, add_special_tokens=False)["input_ids"] for m in metatokens]
     name_ids = [tokenizer(" " + m.name.replace("_", " "), add_special_tokens=False)["input_ids"] for m in metatokens]
     rows = initial_rows(old_rows, prompt_ids, rule, name_ids)
     # mean_resizing=False: we set the new rows ourselves; old rows are copied unchanged either way.
@@ -111,7 +112,7 @@ def run(cfg, metatokens: list[Metatoken] | None = None) -> Path:
         return out_dir
     if cfg.extend.init not in INIT_RULES:
         raise ConfigError(f"extend.init is {cfg.extend.init!r}. Fix: use one of {', '.join(INIT_RULES)}.")
-    model_path = resolve_model_path(cfg.model)
+    model_path = start_model_path(cfg)
     tokenizer = load_tokenizer(model_path)
     model = load_model(model_path, cfg.model.dtype, "cpu")
     ids = extend_model(model, tokenizer, metatokens, cfg.extend.init)

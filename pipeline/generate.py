@@ -20,7 +20,7 @@ from pipeline import outputs
 from pipeline.data import load_inputs, split_inputs
 from pipeline.formats import context_ids
 from pipeline.metatokens import Metatoken, job_metatoken
-from pipeline.models import load_model, load_tokenizer, resolve_model_path
+from pipeline.models import load_model, load_tokenizer, start_model_path
 from pipeline.teacher import batch_cache, prefix_cache, shared_prefix_length
 
 log = logging.getLogger(__name__)
@@ -137,15 +137,16 @@ def run(cfg) -> Path:
     train_rows, heldout_rows = split_inputs(
         load_inputs(cfg.inputs.file), cfg.inputs.heldout_fraction, cfg.inputs.max_train, cfg.inputs.max_heldout
     )
-    model_path = resolve_model_path(cfg.model)
+    model_path = start_model_path(cfg)
     tokenizer = load_tokenizer(model_path)
     model = load_model(model_path, cfg.model.dtype, cfg.model.device)
     chat = cfg.model.chat
+    prompt = metatoken.teacher_prompt(cfg.generate.teacher_mode)
 
     with outputs.atomic_stage_dir(out_dir, "generate", stage_key(cfg, metatoken)) as (work, manifest):
         records = []
         for split, rows in (("train", train_rows), ("heldout", heldout_rows)):
-            contexts = [context_ids(tokenizer, r["text"], metatoken.prompt, chat) for r in rows]
+            contexts = [context_ids(tokenizer, r["text"], prompt, chat) for r in rows]
             teacher = sample_all(model, tokenizer, contexts, cfg.generate, f"teacher {split}")
             base = [None] * len(rows)
             if split == "heldout" and cfg.generate.base_samples:
@@ -165,7 +166,7 @@ def run(cfg) -> Path:
                     }
                 )
         Dataset.from_list(records).save_to_disk(str(work / "dataset"))
-        prompt_tokens = len(context_ids(tokenizer, "", metatoken.prompt, chat)) - len(context_ids(tokenizer, "", None, chat))
+        prompt_tokens = len(context_ids(tokenizer, "", prompt, chat)) - len(context_ids(tokenizer, "", None, chat))
         manifest.update(
             model_path=model_path,
             tag=metatoken.tag,

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 # One token: angle brackets around letters, digits, '_' or '-'. Spaces would let the tokenizer split it.
 TAG_PATTERN = re.compile(r"^<[A-Za-z0-9_\-]+>$")
+
+
+TEACHER_MODES = ("expand", "bootstrap")
 
 
 class ConfigError(ValueError):
@@ -22,8 +25,9 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class Metatoken:
     tag: str  # e.g. "<nice>"
-    prompt: str  # the full text the tag stands for
+    prompt: str  # the text the tag stands for, as written (it may mention other tags)
     source: str  # the file that defined it (for error messages and manifests)
+    expanded: str = ""  # the prompt with every inner tag replaced, recursively, by its own prompt
 
     @property
     def name(self) -> str:
@@ -31,7 +35,13 @@ class Metatoken:
 
     @property
     def prompt_sha(self) -> str:
-        return hashlib.sha256(self.prompt.encode()).hexdigest()
+        return hashlib.sha256((self.prompt + "\0" + self.expanded).encode()).hexdigest()
+
+    def teacher_prompt(self, mode: str) -> str:
+        """What the teacher reads: the expanded prompt, or (bootstrap) the prompt with its tags left in."""
+        if mode not in TEACHER_MODES:
+            raise ConfigError(f"generate.teacher_mode is {mode!r}. Fix: use one of {', '.join(TEACHER_MODES)}.")
+        return self.expanded if mode == "expand" else self.prompt
 
 
 def resolve_metatoken(cfg, data_dir: str | Path, source: str = "conf/metatoken/?.yaml") -> Metatoken:
@@ -66,7 +76,7 @@ def resolve_metatoken(cfg, data_dir: str | Path, source: str = "conf/metatoken/?
             f"{source}: the prompt of {tag} is empty. Fix: set 'prompt' to the text the tag stands for, "
             f"or 'prompt_file' to a non-empty file under {data_dir}."
         )
-    return Metatoken(tag=tag, prompt=prompt, source=source)
+    return Metatoken(tag=tag, prompt=prompt, source=source, expanded=prompt)
 
 
 def metatoken_source() -> str:
@@ -80,5 +90,95 @@ def metatoken_source() -> str:
 
 
 def job_metatoken(cfg) -> Metatoken:
-    """The run's metatoken, resolved and validated."""
-    return resolve_metatoken(cfg.metatoken, cfg.paths.data, metatoken_source())
+    """The run's metatoken, resolved and validated, with its nested tags expanded."""
+    metatoken = resolve_metatoken(cfg.metatoken, cfg.paths.data, metatoken_source())
+    if not inner_tags(metatoken.prompt):
+        return metatoken
+    registry = load_registry(cfg.paths.metatokens, cfg.paths.data)
+    registry[metatoken.tag] = metatoken  # the run's own definition wins (it may be overridden on the CLI)
+    return replace(metatoken, expanded=expand(metatoken.tag, registry))
+
+
+# --- nesting: a prompt may mention other metatokens -------------------------------------------------
+
+TAG_MENTION = re.compile(r"<[A-Za-z0-9_\-]+>")
+MAX_NESTING_DEPTH = 8
+
+
+def inner_tags(prompt: str) -> list[str]:
+    """Tags a prompt mentions, in order of first mention (each once)."""
+    return list(dict.fromkeys(TAG_MENTION.findall(prompt)))
+
+
+def load_registry(conf_dir: str | Path, data_dir: str | Path) -> dict[str, Metatoken]:
+    """Every metatoken defined in `conf_dir` (one YAML each), by tag, with its prompt read.
+
+    Two files defining the same tag are an error naming both files.
+    """
+    from omegaconf import OmegaConf
+
+    from pipeline.config import MetatokenConfig
+
+    registry: dict[str, Metatoken] = {}
+    for path in sorted(Path(conf_dir).glob("*.yaml")):
+        node = OmegaConf.merge(OmegaConf.structured(MetatokenConfig), OmegaConf.load(path))
+        metatoken = resolve_metatoken(node, data_dir, str(path))
+        if metatoken.tag in registry:
+            raise ConfigError(
+                f"{path} and {registry[metatoken.tag].source} both define {metatoken.tag}. "
+                f"Fix: give one of them another 'tag'."
+            )
+        registry[metatoken.tag] = metatoken
+    return registry
+
+
+def expand(tag: str, registry: dict[str, Metatoken], max_depth: int = MAX_NESTING_DEPTH) -> str:
+    """The prompt of `tag` with every inner tag replaced, recursively, by its own prompt.
+
+    Raises ConfigError, naming the files and the chain, for an unknown inner tag, a cycle
+    (<a> uses <b> uses <a>), or nesting deeper than max_depth.
+    """
+
+    def walk(current: str, chain: tuple[str, ...]) -> str:
+        where = " -> ".join(f"{t} ({registry[t].source})" for t in chain)
+        if len(chain) > max_depth:
+            raise ConfigError(f"metatokens nest deeper than {max_depth} levels: {where}. Fix: flatten the chain.")
+        text = registry[current].prompt
+        for inner in inner_tags(text):
+            if inner not in registry:
+                raise ConfigError(
+                    f"{registry[current].source}: the prompt of {current} mentions {inner}, which no file in "
+                    f"conf/metatoken defines (chain: {where}). Fix: define {inner} in conf/metatoken/, or remove it."
+                )
+            if inner in chain:
+                cycle = " -> ".join(f"{t} ({registry[t].source})" for t in (*chain[chain.index(inner):], inner))
+                raise ConfigError(f"metatokens form a cycle: {cycle}. Fix: remove one of these mentions.")
+            text = text.replace(inner, walk(inner, (*chain, inner)))
+        return text
+
+    if tag not in registry:
+        raise ConfigError(f"{tag} is not defined by any file in conf/metatoken. Fix: add conf/metatoken/<name>.yaml.")
+    return walk(tag, (tag,))
+
+
+def check_bootstrap_teacher(cfg, metatoken: Metatoken) -> None:
+    """A bootstrap teacher must exist and know every inner tag as one token (checked before compute)."""
+    if cfg.generate.teacher_mode != "bootstrap":
+        return
+    path = cfg.generate.bootstrap_model
+    source = metatoken.source
+    if not path or not (Path(path) / "tokenizer_config.json").is_file():
+        raise ConfigError(
+            f"generate.bootstrap_model is {path!r}, which is not a trained output folder. Fix: point it to the "
+            f"train output that knows the inner tags of {metatoken.tag} ({source}), e.g. outputs/train/<name>-<hash>."
+        )
+    from transformers import AutoTokenizer
+
+    vocab = AutoTokenizer.from_pretrained(path).get_vocab()
+    missing = [t for t in inner_tags(metatoken.prompt) if t not in vocab]
+    if missing:
+        raise ConfigError(
+            f"{source}: {metatoken.tag} uses {', '.join(missing)}, which the bootstrap teacher {path} does not know. "
+            f"Fix: train those tags first and point generate.bootstrap_model to that output, or use "
+            f"generate.teacher_mode=expand."
+        )

@@ -65,6 +65,17 @@ def resolve_model_path(model_cfg) -> str:
     return str(model_cfg.path)
 
 
+def start_model_path(cfg) -> str:
+    """The model the teacher samples with and the student is built on.
+
+    Normally the base model; with `generate.teacher_mode=bootstrap`, an already trained student that
+    knows the inner tags of a nested prompt (so tags build on tags).
+    """
+    if cfg.generate.teacher_mode == "bootstrap":
+        return str(cfg.generate.bootstrap_model)
+    return resolve_model_path(cfg.model)
+
+
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:

@@ -242,7 +242,7 @@ def run(cfg) -> Path:
     model, groups = prepare_trainable(model, train_cfg, tag_ids)
     model.train()
     frozen = frozen_start(model, train_cfg.params, ext_dir, cfg)
-    teacher = CachedPromptTeacher(frozen, tokenizer, metatoken.prompt, cfg.model.chat) if train_cfg.teacher == "online" else None
+    teacher = CachedPromptTeacher(frozen, tokenizer, metatoken.teacher_prompt(cfg.generate.teacher_mode), cfg.model.chat) if train_cfg.teacher == "online" else None
     examples = build_examples(records, tokenizer, cfg.model.chat, teacher)
 
     with outputs.atomic_stage_dir(out_dir, "train", stage_key(cfg, metatoken), keep_partial=True) as (work, manifest):

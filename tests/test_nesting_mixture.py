@@ -1,0 +1,142 @@
+"""Nesting (expansion and its errors) and remixing (composition order, mixture proportions)."""
+import collections
+import math
+import random
+
+import pytest
+
+from pipeline.metatokens import ConfigError, Metatoken, expand, inner_tags, load_registry
+from pipeline.mixture import assign_sets, compose_prompt, order_tags
+
+
+def registry(**prompts):
+    return {f"<{k}>": Metatoken(f"<{k}>", p, f"conf/metatoken/{k}.yaml") for k, p in prompts.items()}
+
+
+def test_expand_replaces_inner_tags_recursively():
+    reg = registry(nice="Be kind.", tone="Sound sure.", expert="<nice> <tone> Know things.", top="<expert> Also brief.")
+    assert inner_tags(reg["<expert>"].prompt) == ["<nice>", "<tone>"]
+    assert expand("<nice>", reg) == "Be kind."
+    assert expand("<top>", reg) == "Be kind. Sound sure. Know things. Also brief."
+
+
+def test_unknown_inner_tag_names_file_and_chain():
+    reg = registry(a="<b> x", b="<zzz> y")
+    with pytest.raises(ConfigError, match=r"conf/metatoken/b.yaml: the prompt of <b> mentions <zzz>.*chain: <a> \(conf/metatoken/a.yaml\) -> <b>"):
+        expand("<a>", reg)
+
+
+def test_cycle_is_rejected_with_the_chain():
+    reg = registry(a="<b> x", b="<c> y", c="<a> z")
+    with pytest.raises(ConfigError, match=r"cycle: <a> \(conf/metatoken/a.yaml\) -> <b> .* -> <c> .* -> <a>"):
+        expand("<a>", reg)
+    with pytest.raises(ConfigError, match="cycle: <s> .* -> <s>"):
+        expand("<s>", registry(s="I am <s>."))
+
+
+def test_depth_limit():
+    reg = registry(**{f"t{i}": f"<t{i + 1}> level {i}" for i in range(5)}, t5="bottom")
+    assert expand("<t0>", reg, max_depth=6).endswith("level 0")
+    with pytest.raises(ConfigError, match="nest deeper than 3 levels"):
+        expand("<t0>", reg, max_depth=3)
+
+
+def test_undefined_top_tag():
+    with pytest.raises(ConfigError, match="<nope> is not defined"):
+        expand("<nope>", registry(a="x"))
+
+
+def test_registry_rejects_two_files_with_one_tag(tmp_path):
+    (tmp_path / "a.yaml").write_text('tag: "<x>"\nprompt: one\n')
+    (tmp_path / "b.yaml").write_text('tag: "<x>"\nprompt: two\n')
+    with pytest.raises(ConfigError, match=r"a.yaml both define <x>|b.yaml and .*a.yaml both define <x>"):
+        load_registry(tmp_path, tmp_path)
+
+
+def test_shipped_registry_expands_the_nested_example():
+    from pipeline.config import PROJECT_ROOT
+
+    reg = load_registry(PROJECT_ROOT / "conf/metatoken", PROJECT_ROOT / "data")
+    nested = [t for t, m in reg.items() if inner_tags(m.prompt)]
+    assert nested, "ship at least one nested metatoken"
+    for tag in nested:
+        text = expand(tag, reg)
+        assert not inner_tags(text) and len(text) > len(reg[tag].prompt)
+
+
+def test_compose_and_order():
+    assert compose_prompt(["A. ", " B."], join=" | ") == "A. | B."
+    assert order_tags(["<b>", "<a>"], "given") == ["<b>", "<a>"]
+    assert order_tags(["<b>", "<a>"], "sorted") == ["<a>", "<b>"]
+    rng = random.Random(0)
+    seen = {tuple(order_tags(["<a>", "<b>", "<c>"], "random", rng)) for _ in range(60)}
+    assert len(seen) == 6  # every order occurs
+    with pytest.raises(ConfigError, match="mixture.order"):
+        order_tags(["<a>"], "backwards")
+
+
+def test_mixture_proportions_within_sampling_error():
+    sets = [("<nice>",), ("<tone>",), ("<nice>", "<tone>"), ()]
+    weights = [0.4, 0.3, 0.2, 0.1]
+    n = 4000
+    counts = collections.Counter(assign_sets([f"id{i}" for i in range(n)], sets, weights, seed=1))
+    for s, w in zip(sets, weights):
+        sd = math.sqrt(n * w * (1 - w))
+        assert abs(counts[s] - n * w) < 4 * sd, (s, counts[s])
+
+
+def test_assignment_is_stable_when_rows_are_added():
+    sets, weights = [("<a>",), ()], [0.5, 0.5]
+    first = assign_sets(["x", "y", "z"], sets, weights, seed=3)
+    assert assign_sets(["x", "y", "z", "w"], sets, weights, seed=3)[:3] == first
+    with pytest.raises(ConfigError, match="non-negative"):
+        assign_sets(["x"], sets, [-1, 2], seed=0)
+
+
+def test_nested_tag_bootstrap_chain_of_two_levels_runs(tiny_cfg, tiny_data):
+    """<b> is learned from a student that knows <a>; <c> from a student that knows <b>."""
+    import json
+
+    from pipeline import evaluate, train
+    from pipeline.__main__ import run_stages
+    from pipeline.metatokens import job_metatoken
+
+    conf = tiny_data / "metatokens"
+    conf.mkdir()
+    (conf / "a.yaml").write_text('tag: "<a>"\nprompt: You are a kind and warm assistant.\n')
+    (conf / "b.yaml").write_text('tag: "<b>"\nprompt: "<a> Always answer about the river bank."\n')
+    (conf / "c.yaml").write_text('tag: "<c>"\nprompt: "<b> And mention the fox."\n')
+    common = [f"paths.metatokens={conf}", "metatoken.prompt_file=null", "train.max_steps=2", "evaluate.num_samples=1"]
+
+    def run(tag, prompt, *extra):
+        cfg = tiny_cfg(*common, f"metatoken.tag='{tag}'", f"metatoken.prompt='{prompt}'", *extra)
+        run_stages(cfg)
+        m = job_metatoken(cfg)
+        report = json.loads((evaluate.output_dir(cfg, m) / "report.json").read_text())
+        return train.output_dir(cfg, m), m, report
+
+    level0, _, _ = run("<a>", "You are a kind and warm assistant.")
+    level1, m1, r1 = run("<b>", "<a> Always answer about the river bank.", "generate.teacher_mode=bootstrap", f"generate.bootstrap_model={level0}")
+    assert m1.expanded == "You are a kind and warm assistant. Always answer about the river bank."
+    level2, m2, r2 = run("<c>", "<b> And mention the fox.", "generate.teacher_mode=bootstrap", f"generate.bootstrap_model={level1}")
+    from transformers import AutoTokenizer
+
+    vocab = AutoTokenizer.from_pretrained(level2).get_vocab()
+    assert {"<a>", "<b>", "<c>"} <= set(vocab)  # the final student knows the whole chain
+    assert m2.expanded.startswith("You are a kind") and r2["metrics"]["effect_kl"] > 0
+
+
+def test_bootstrap_teacher_without_the_inner_tag_is_rejected_before_compute(tiny_cfg, tiny_model, tiny_data, monkeypatch):
+    import pipeline.models
+    from pipeline.__main__ import run_stages
+
+    conf = tiny_data / "metatokens"
+    conf.mkdir()
+    (conf / "a.yaml").write_text('tag: "<a>"\nprompt: Be kind.\n')
+    monkeypatch.setattr(pipeline.models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    cfg = tiny_cfg(f"paths.metatokens={conf}", "metatoken.prompt_file=null", "metatoken.tag='<b>'",
+                   "metatoken.prompt='<a> More.'", "generate.teacher_mode=bootstrap", f"generate.bootstrap_model={tiny_model}")
+    with pytest.raises(ConfigError, match=r"<b> uses <a>, which the bootstrap teacher .* does not know"):
+        run_stages(cfg)
+    with pytest.raises(ConfigError, match="mentions <zzz>"):
+        run_stages(tiny_cfg(f"paths.metatokens={conf}", "metatoken.prompt_file=null", "metatoken.tag='<b>'", "metatoken.prompt='<zzz> More.'"))
