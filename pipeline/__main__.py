@@ -22,13 +22,16 @@ register_configs()
 def run_stages(cfg: DictConfig) -> None:
     """Run `cfg.stage` (or every stage for `all`); each stage skips itself when its output exists."""
     from pipeline import evaluate, extend, generate, train
-    from pipeline.metatokens import ConfigError, check_bootstrap_teacher, job_metatoken
+    from pipeline.metatokens import ConfigError, job_metatoken
+    from pipeline.models import start_model_path
+    from pipeline.validate import check_job
 
     modules = {"generate": generate, "extend": extend, "train": train, "evaluate": evaluate}
     if cfg.stage not in (*STAGES, "all"):
         raise ConfigError(f"stage={cfg.stage!r} is not a stage. Fix: use one of {', '.join(STAGES)} or all.")
     metatoken = job_metatoken(cfg)  # validate the metatoken (and its nesting) before loading any model
-    check_bootstrap_teacher(cfg, metatoken)
+    if cfg.stage in ("all", "generate", "extend"):
+        check_job(cfg, metatoken, start_model_path(cfg))
     for name in STAGES if cfg.stage == "all" else (cfg.stage,):
         log.info("stage %s", name)
         modules[name].run(cfg)

@@ -110,8 +110,32 @@ def inner_tags(prompt: str) -> list[str]:
     return list(dict.fromkeys(TAG_MENTION.findall(prompt)))
 
 
-def load_registry(conf_dir: str | Path, data_dir: str | Path) -> dict[str, Metatoken]:
-    """Every metatoken defined in `conf_dir` (one YAML each), by tag, with its prompt read.
+class Registry(dict):
+    """tag -> Metatoken for every file in conf/metatoken, read lazily.
+
+    Tags are read up front (so duplicates are caught); a file's prompt is read only when a prompt
+    being expanded mentions its tag, so one broken, unrelated file does not stop every job.
+    """
+
+    def __init__(self, files: dict, data_dir: str | Path):
+        super().__init__()
+        self.files, self.data_dir = files, data_dir
+
+    def __contains__(self, tag) -> bool:
+        return dict.__contains__(self, tag) or tag in self.files
+
+    def __getitem__(self, tag: str) -> Metatoken:
+        if not dict.__contains__(self, tag):
+            node, path = self.files[tag]
+            dict.__setitem__(self, tag, resolve_metatoken(node, self.data_dir, path))
+        return dict.__getitem__(self, tag)
+
+    def tags(self) -> list[str]:
+        return sorted(set(self.files) | set(dict.keys(self)))
+
+
+def load_registry(conf_dir: str | Path, data_dir: str | Path) -> Registry:
+    """Every metatoken defined in `conf_dir` (one YAML each), by tag.
 
     Two files defining the same tag are an error naming both files.
     """
@@ -119,17 +143,13 @@ def load_registry(conf_dir: str | Path, data_dir: str | Path) -> dict[str, Metat
 
     from pipeline.config import MetatokenConfig
 
-    registry: dict[str, Metatoken] = {}
+    files: dict = {}
     for path in sorted(Path(conf_dir).glob("*.yaml")):
         node = OmegaConf.merge(OmegaConf.structured(MetatokenConfig), OmegaConf.load(path))
-        metatoken = resolve_metatoken(node, data_dir, str(path))
-        if metatoken.tag in registry:
-            raise ConfigError(
-                f"{path} and {registry[metatoken.tag].source} both define {metatoken.tag}. "
-                f"Fix: give one of them another 'tag'."
-            )
-        registry[metatoken.tag] = metatoken
-    return registry
+        if node.tag in files:
+            raise ConfigError(f"{path} and {files[node.tag][1]} both define {node.tag}. Fix: give one of them another 'tag'.")
+        files[node.tag] = (node, str(path))
+    return Registry(files, data_dir)
 
 
 def expand(tag: str, registry: dict[str, Metatoken], max_depth: int = MAX_NESTING_DEPTH) -> str:

@@ -73,6 +73,10 @@ def start_model_path(cfg) -> str:
     """
     if cfg.generate.teacher_mode == "bootstrap":
         return str(cfg.generate.bootstrap_model)
+    from pipeline.validate import check_model_path
+
+    if not cfg.model.gguf_package:  # a GGUF-backed path is created on first use
+        check_model_path(str(cfg.model.path))
     return resolve_model_path(cfg.model)
 
 

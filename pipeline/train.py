@@ -133,6 +133,10 @@ def preserve_loss(model, reference, batch: dict, tag_ids: list[int]) -> torch.Te
     return masked_mean(full_kl(target, student), batch["plain_output_mask"])
 
 
+class TrainingDiverged(FloatingPointError):
+    """A NaN or infinite loss: training stops, and the last good checkpoint stays on disk."""
+
+
 class DistillTrainer(Trainer):
     """HF Trainer with the distillation loss (it keeps checkpoints, logging, DeepSpeed and DDP)."""
 
@@ -148,6 +152,12 @@ class DistillTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = distill_loss(model, inputs, self.objective, self.tag_ids, self.teacher)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"train: the loss became {loss.item()} at step {self.state.global_step + 1}. The checkpoints saved so "
+                f"far are kept in {self.args.output_dir} and a re-run with the same config resumes from the last one. "
+                f"Fix: lower train.lr / train.embedding_lr, or check the generate output for empty samples."
+            )
         if self.untagged_weight > 0 and self.reference is not None:
             loss = loss + self.untagged_weight * preserve_loss(model, self.reference, inputs, self.tag_ids)
         return (loss, None) if return_outputs else loss
