@@ -110,6 +110,17 @@ class EvaluateConfig:
 
 
 @dataclass
+class MixtureConfig:
+    sets: list[list[str]] = field(default_factory=list)  # tag sets to train on, e.g. [[nice],[authoritative_tone],[nice,authoritative_tone]]; empty: just `metatoken`
+    weights: list[float] = field(default_factory=list)  # share of inputs per set (normalised)
+    untagged: float = 0.0  # share of inputs with no tag (target: the model without prompt), keeps untagged behaviour
+    order: str = "given"  # tag order in the student's context: given | sorted | random (random trains order-invariance)
+    join: str = "\n\n"  # how the teacher's prompt for a set joins its members' prompts
+    heldout_sets: list[list[str]] = field(default_factory=list)  # extra sets to evaluate (e.g. pairs never trained together)
+    seed: int = 0  # for assigning inputs to sets and random tag orders
+
+
+@dataclass
 class LoggerConfig:
     report_to: str = "none"  # "wandb" or "none"
     wandb_mode: str = "offline"  # offline needs no network; "online" to sync
@@ -128,6 +139,7 @@ class Config:
     extend: ExtendConfig = field(default_factory=ExtendConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    mixture: MixtureConfig = field(default_factory=MixtureConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     experiment: Optional[Any] = None
 

@@ -1,0 +1,100 @@
+"""What one pipeline run is about: its tags (the vocabulary it adds), the tag sets it trains on and
+in what proportions, and the tag sets it evaluates.
+
+A plain run (`metatoken=nice`) is one tag trained on its own. A remix run (`mixture.sets=...`)
+trains several tags, alone and together, with a share of untagged inputs, and evaluates tag sets
+that were never trained together. Everything here is resolved from config before any model loads.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+from typing import Optional
+
+from pipeline.metatokens import ConfigError, Metatoken, expand, job_metatoken, load_registry
+from pipeline.mixture import compose_prompt, order_tags
+
+TagSet = tuple[str, ...]  # tags side by side in one context; () is an untagged input
+
+
+@dataclass(frozen=True)
+class Job:
+    metatokens: dict  # tag -> Metatoken (expanded), the vocabulary this run adds
+    train_sets: tuple[TagSet, ...]  # tag sets inputs are assigned to (may include ())
+    weights: tuple[float, ...]  # one per train set
+    eval_sets: tuple[TagSet, ...]  # tag sets scored on held-out inputs
+    order: str = "given"  # tag order in a student context: given | sorted | random
+    join: str = "\n\n"  # how a set's prompts are joined for the teacher
+
+    @property
+    def tags(self) -> list[str]:
+        return list(self.metatokens)
+
+    @property
+    def label(self) -> str:
+        return "+".join(m.name for m in self.metatokens.values())
+
+    def teacher_prompt(self, tag_set: TagSet, mode: str = "expand") -> Optional[str]:
+        """The teacher's prompt for a tag set (None: untagged, the model reads no prompt)."""
+        if not tag_set:
+            return None
+        return compose_prompt([self.metatokens[t].teacher_prompt(mode) for t in tag_set], self.join)
+
+    def reference_prompt(self, tag_set: TagSet) -> str:
+        """What evaluation compares against: the fully expanded prompts of the set, joined."""
+        return compose_prompt([self.metatokens[t].expanded for t in tag_set], self.join)
+
+    def student_tags(self, tag_set: TagSet, rng: random.Random | None = None) -> Optional[str]:
+        """The student's context text for a tag set: the tags side by side (None when untagged)."""
+        return "".join(order_tags(tag_set, self.order, rng)) if tag_set else None
+
+    def key(self) -> dict:
+        """What of the job determines results (for stage hashes)."""
+        return {
+            "tags": {t: m.prompt_sha for t, m in self.metatokens.items()},
+            "train_sets": [list(s) for s in self.train_sets],
+            "weights": list(self.weights),
+            "order": self.order,
+            "join": self.join,
+        }
+
+
+def _tag_of(name: str, registry, source: str) -> str:
+    """Accept a file name (`nice`) or a tag (`<nice>`)."""
+    tag = name if name.startswith("<") else next(
+        (t for t in registry.tags() if registry.files.get(t, (None, ""))[1].endswith(f"/{name}.yaml")), None
+    )
+    if tag is None or tag not in registry:
+        raise ConfigError(f"{source}: {name!r} is not a metatoken in conf/metatoken. Fix: use a file name from there.")
+    return tag
+
+
+def job_from_config(cfg) -> Job:
+    """Resolve the run's tags and mixture, expanding nested prompts and checking every name."""
+    mix = cfg.mixture
+    if not mix.sets:
+        metatoken = job_metatoken(cfg)
+        sets, weights = [(metatoken.tag,)], [1.0]
+        if mix.untagged > 0:
+            sets, weights = sets + [()], [1.0 - mix.untagged, mix.untagged]
+        return Job({metatoken.tag: metatoken}, tuple(sets), tuple(weights), ((metatoken.tag,),), mix.order, mix.join)
+    if len(mix.weights) != len(mix.sets):
+        raise ConfigError(
+            f"mixture: {len(mix.sets)} sets but {len(mix.weights)} weights. Fix: give mixture.weights one number per set."
+        )
+    registry = load_registry(cfg.paths.metatokens, cfg.paths.data)
+    source = "mixture.sets"
+    train_sets = [tuple(_tag_of(n, registry, source) for n in s) for s in mix.sets]
+    eval_extra = [tuple(_tag_of(n, registry, "mixture.heldout_sets") for n in s) for s in mix.heldout_sets]
+    for s in train_sets + eval_extra:
+        if len(set(s)) != len(s):
+            raise ConfigError(f"mixture: the tag set {list(s)} repeats a tag. Fix: list each tag once per set.")
+    tags = list(dict.fromkeys(t for s in train_sets + eval_extra for t in s))
+    metatokens = {t: replace(registry[t], expanded=expand(t, registry)) for t in tags}
+    singles = [(t,) for t in tags]
+    eval_sets = tuple(dict.fromkeys(singles + eval_extra))
+    weights = list(mix.weights)
+    if mix.untagged > 0:
+        total = sum(weights)
+        train_sets, weights = train_sets + [()], [w / total * (1 - mix.untagged) for w in weights] + [mix.untagged]
+    return Job(metatokens, tuple(train_sets), tuple(weights), eval_sets, mix.order, mix.join)
