@@ -26,21 +26,21 @@ from pipeline import extend, generate, outputs, train
 from pipeline.data import gather_positions, pad_examples
 from pipeline.formats import context_ids
 from pipeline.losses import full_kl, recovery, suppress
-from pipeline.metatokens import Metatoken, job_metatoken
+from pipeline.job import Job, job_from_config
+from pipeline.metatokens import ConfigError
 from pipeline.models import load_model, load_tokenizer, resolve_model_path
 
 log = logging.getLogger(__name__)
 
 
-def stage_key(cfg, metatoken: Metatoken) -> dict:
-    return {"train": outputs.key_hash(train.stage_key(cfg, metatoken)), "evaluate": outputs.plain(cfg.evaluate)}
+def stage_key(cfg, job: Job) -> dict:
+    return {"train": outputs.key_hash(train.stage_key(cfg, job)), "evaluate": outputs.plain(cfg.evaluate)}
 
 
-def output_dir(cfg, metatoken: Metatoken) -> Path:
-    return outputs.stage_dir(cfg.paths.outputs, "evaluate", metatoken.name, stage_key(cfg, metatoken))
+def output_dir(cfg, job: Job) -> Path:
+    return outputs.stage_dir(cfg.paths.outputs, "evaluate", job.label, stage_key(cfg, job))
 
 
-@torch.no_grad()
 def continuation_logits(
     model, contexts, continuations, pad_id, batch_size: int, desc: str, tag_ids: list[int] = ()
 ) -> list[torch.Tensor]:
@@ -66,30 +66,17 @@ def mean_kl(p_logits: list[torch.Tensor], q_logits: list[torch.Tensor]) -> float
     return per_token.mean().item()
 
 
-def score_student(student, tok, rows, teacher_logits, base_on_base, chat, eval_cfg, name, tag_ids) -> dict:
-    """Residual KL to the teacher on tagged inputs, and drift from the base on untagged ones."""
-    tagged = [context_ids(tok, r["input"], "".join(r["tags"]), chat) for r in rows]
-    student_logits = continuation_logits(
-        student, tagged, [r["output_ids"] for r in rows], tok.pad_token_id, eval_cfg.batch_size, f"{name} tagged", tag_ids
-    )
-    scores = {"residual_kl": mean_kl(teacher_logits, student_logits)}
-    if base_on_base is not None:
-        drift_rows = [r for r in rows if r["base_output_ids"]]
-        plain = [context_ids(tok, r["input"], None, chat) for r in drift_rows]
-        student_plain = continuation_logits(
-            student, plain, [r["base_output_ids"] for r in drift_rows], tok.pad_token_id, eval_cfg.batch_size,
-            f"{name} untagged", tag_ids,
-        )
-        scores["drift_kl"] = mean_kl(base_on_base, student_plain)
-    return scores
+def tagged_contexts(job: Job, tok, rows, chat) -> list[list[int]]:
+    """Student contexts: the record's tags side by side (in the job's order), then its input."""
+    return [context_ids(tok, r["input"], job.student_tags(tuple(r["tags"])), chat) for r in rows]
 
 
 @torch.no_grad()
-def sample_student(student, tok, rows, chat, gen_cfg, eval_cfg) -> list[str]:
-    """The student's own answers with the tag (its generation config suppresses tags, so it never writes one)."""
+def sample_student(student, tok, contexts, gen_cfg, eval_cfg) -> list[str]:
+    """The student's own answers with the tags (its generation config suppresses tags: it never writes one)."""
     texts = []
-    for r in rows:
-        ids = torch.tensor([context_ids(tok, r["input"], "".join(r["tags"]), chat)], device=student.device)
+    for context in contexts:
+        ids = torch.tensor([context], device=student.device)
         torch.manual_seed(eval_cfg.seed)
         out = student.generate(
             input_ids=ids,
@@ -125,8 +112,21 @@ def render_markdown(report: dict) -> str:
         "recovery = 1 - residual / effect, where effect = KL(teacher with prompt || base without prompt) and "
         "residual = KL(teacher with prompt || student with tag), teacher-forced on the teacher's held-out samples.",
         "",
-        "## Samples (held-out inputs)",
     ]
+    if len(report.get("sets", [])) > 1:
+        lines += [
+            "## Every tag set evaluated",
+            "",
+            "| tags | in training | effect | residual | recovery | untrained recovery | prompt tokens saved |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for t in report["sets"]:
+            lines.append(
+                f"| {''.join(t['tags'])} | {'yes' if t['in_training'] else '**no**'} | {t['effect_kl']:.4f} | "
+                f"{t['residual_kl']:.4f} | {t['recovery']:.3f} | {t['init_recovery']:.3f} | {t['prompt_tokens_saved']} |"
+            )
+        lines.append("")
+    lines.append("## Samples (held-out inputs)")
     for s in report["samples"]:
         lines += [
             "",
@@ -134,91 +134,103 @@ def render_markdown(report: dict) -> str:
             "",
             f"- *base, no prompt:* {s['base']}",
             f"- *teacher, full prompt:* {s['teacher']}",
-            f"- *student, {report['tag']}:* {s['student']}",
+            f"- *student, {''.join(s.get('tags', [])) or report['tag']}:* {s['student']}",
         ]
     return "\n".join(lines).replace("\r", "") + "\n"
 
 
 def run(cfg) -> Path:
-    metatoken = job_metatoken(cfg)
-    out_dir = output_dir(cfg, metatoken)
+    job = job_from_config(cfg)
+    out_dir = output_dir(cfg, job)
     if outputs.is_complete(out_dir) and not cfg.force:
         log.info("evaluate: %s is complete, nothing to do", out_dir)
         print((out_dir / "report.md").read_text())
         return out_dir
-    gen_dir, ext_dir, train_dir = (
-        generate.output_dir(cfg, metatoken),
-        extend.output_dir(cfg, [metatoken]),
-        train.output_dir(cfg, metatoken),
-    )
+    gen_dir, ext_dir, train_dir = generate.output_dir(cfg, job), extend.output_dir(cfg, job), train.output_dir(cfg, job)
     for stage, d in (("generate", gen_dir), ("extend", ext_dir), ("train", train_dir)):
         if not outputs.is_complete(d):
-            raise FileNotFoundError(f"evaluate needs the {stage} output {d}. Fix: run `python -m pipeline stage={stage}` with the same config first (or stage=all).")
-    rows = list(load_from_disk(str(gen_dir / "dataset")).filter(lambda r: r["split"] == "heldout"))
-    rows = rows[: cfg.evaluate.max_examples] if cfg.evaluate.max_examples else rows
-    if not rows:
+            raise FileNotFoundError(
+                f"evaluate needs the {stage} output {d}. Fix: run `python -m pipeline stage={stage}` with the same "
+                f"config first (or stage=all)."
+            )
+    heldout = list(load_from_disk(str(gen_dir / "dataset")).filter(lambda r: r["split"] == "heldout"))
+    by_set = {s: [r for r in heldout if tuple(r["tags"]) == s][: cfg.evaluate.max_examples] for s in job.eval_sets}
+    if not all(by_set.values()):
         raise ValueError(f"{gen_dir}: no held-out rows to evaluate. Fix: raise inputs.heldout_fraction or inputs.max_heldout.")
     chat, bs = cfg.model.chat, cfg.evaluate.batch_size
     base_path = resolve_model_path(cfg.model)
     base_tok = load_tokenizer(base_path)
     base = load_model(base_path, cfg.model.dtype, cfg.model.device)
-    outputs_ids = [r["output_ids"] for r in rows]
+    pad = base_tok.pad_token_id
 
-    # The reference teacher is always the base model reading the fully expanded prompt, whatever
-    # teacher generated the training data, so recovery means the same thing in both nesting modes.
-    teacher_ctx = [context_ids(base_tok, r["input"], metatoken.expanded, chat) for r in rows]
-    plain_ctx = [context_ids(base_tok, r["input"], None, chat) for r in rows]
-    teacher_logits = continuation_logits(base, teacher_ctx, outputs_ids, base_tok.pad_token_id, bs, "teacher")
-    base_logits = continuation_logits(base, plain_ctx, outputs_ids, base_tok.pad_token_id, bs, "base")
-    effect = mean_kl(teacher_logits, base_logits)
-    base_on_base = None
-    if all(r["base_output_ids"] for r in rows):
-        base_on_base = continuation_logits(
-            base, plain_ctx, [r["base_output_ids"] for r in rows], base_tok.pad_token_id, bs, "base untagged"
-        )
+    # The reference teacher is the base model reading the fully expanded prompts of the set, whatever
+    # teacher generated the data (expand or bootstrap), so recovery means the same in every mode.
+    teacher_logits, effect, teacher_len = {}, {}, {}
+    for tag_set, rows in by_set.items():
+        outs = [r["output_ids"] for r in rows]
+        name = "+".join(tag_set)
+        teacher_ctx = [context_ids(base_tok, r["input"], job.reference_prompt(tag_set), chat) for r in rows]
+        plain_ctx = [context_ids(base_tok, r["input"], None, chat) for r in rows]
+        teacher_logits[tag_set] = continuation_logits(base, teacher_ctx, outs, pad, bs, f"teacher {name}")
+        effect[tag_set] = mean_kl(teacher_logits[tag_set], continuation_logits(base, plain_ctx, outs, pad, bs, f"base {name}"))
+        teacher_len[tag_set] = sum(map(len, teacher_ctx)) / len(rows)
+    drift_rows = [r for r in by_set[job.eval_sets[0]] if r["base_output_ids"]]
+    drift_plain = [context_ids(base_tok, r["input"], None, chat) for r in drift_rows]
+    drift_outs = [r["base_output_ids"] for r in drift_rows]
+    base_on_base = continuation_logits(base, drift_plain, drift_outs, pad, bs, "base untagged") if drift_rows else None
     del base
 
-    metrics = {"effect_kl": effect}
+    scores = {s: {"effect_kl": effect[s]} for s in job.eval_sets}
+    drift, samples = {}, []
+    tag_ids = list(outputs.read_manifest(ext_dir)["tag_ids"].values())
     for name, path in (("init", ext_dir), ("student", train_dir)):
         tok = load_tokenizer(str(path))
+        missing = [t for t in job.tags if t not in tok.get_vocab()]
+        if missing:
+            raise ConfigError(f"{path}: its tokenizer lacks {missing}. Fix: re-run extend and train with this config.")
         model = load_model(str(path), cfg.model.dtype, cfg.model.device)
-        tag_ids = list(outputs.read_manifest(ext_dir)["tag_ids"].values())
-        scores = score_student(model, tok, rows, teacher_logits, base_on_base, chat, cfg.evaluate, name, tag_ids)
         prefix = "" if name == "student" else "init_"
-        metrics[prefix + "residual_kl"] = scores["residual_kl"]
-        metrics[prefix + "recovery"] = recovery(effect, scores["residual_kl"])
-        if "drift_kl" in scores:
-            metrics[prefix + "drift_kl"] = scores["drift_kl"]
-        if name == "student":
-            shown = rows[: cfg.evaluate.num_samples]
-            student_texts = sample_student(model, tok, shown, chat, cfg.generate, cfg.evaluate)
-            student_ctx = [context_ids(tok, r["input"], "".join(r["tags"]), chat) for r in rows]
+        for tag_set, rows in by_set.items():
+            contexts = tagged_contexts(job, tok, rows, chat)
+            logits = continuation_logits(model, contexts, [r["output_ids"] for r in rows], tok.pad_token_id, bs, f"{name} {'+'.join(tag_set)}", tag_ids)
+            residual = mean_kl(teacher_logits[tag_set], logits)
+            scores[tag_set][prefix + "residual_kl"] = residual
+            scores[tag_set][prefix + "recovery"] = recovery(effect[tag_set], residual)
+            if name == "student":
+                scores[tag_set]["prompt_tokens_saved"] = round(teacher_len[tag_set] - sum(map(len, contexts)) / len(rows))
+                scores[tag_set]["teacher_context_tokens"] = teacher_len[tag_set]
+                scores[tag_set]["student_context_tokens"] = sum(map(len, contexts)) / len(rows)
+                shown = rows[: cfg.evaluate.num_samples]
+                texts = sample_student(model, tok, contexts[: len(shown)], cfg.generate, cfg.evaluate)
+                samples += [
+                    {"id": r["id"], "tags": list(tag_set), "input": r["input"], "base": r["base_output"], "teacher": r["output"], "student": t}
+                    for r, t in zip(shown, texts)
+                ]
+        if base_on_base is not None:
+            plain_logits = continuation_logits(model, [context_ids(tok, r["input"], None, chat) for r in drift_rows], drift_outs, tok.pad_token_id, bs, f"{name} untagged", tag_ids)
+            drift[prefix + "drift_kl"] = mean_kl(base_on_base, plain_logits)
         del model
 
-    teacher_len = sum(map(len, teacher_ctx)) / len(rows)
-    student_len = sum(map(len, student_ctx)) / len(rows)
-    metrics.update(
-        prompt_tokens_saved=round(teacher_len - student_len),
-        teacher_context_tokens=teacher_len,
-        student_context_tokens=student_len,
-    )
+    trained_sets = {s for s in job.train_sets if s}
+    sets = [{"tags": list(s), "in_training": s in trained_sets, "heldout_examples": len(by_set[s]), **scores[s]} for s in job.eval_sets]
+    first = job.eval_sets[0]
     report = {
-        "tag": metatoken.tag,
+        "tag": job.student_tags(first),
+        "tags": job.tags,
         "model": cfg.model.name,
-        "heldout_examples": len(rows),
-        "scored_tokens": sum(map(len, outputs_ids)),
-        "train": {k: cfg.train[k] for k in ("objective", "params", "epochs", "max_steps", "lr", "embedding_lr")},
-        "metrics": metrics,
-        "samples": [
-            {"id": r["id"], "input": r["input"], "base": r["base_output"], "teacher": r["output"], "student": s}
-            for r, s in zip(shown, student_texts)
-        ],
+        "heldout_examples": len(by_set[first]),
+        "scored_tokens": sum(len(r["output_ids"]) for r in by_set[first]),
+        "train": {k: cfg.train[k] for k in ("objective", "params", "teacher", "epochs", "max_steps", "lr", "embedding_lr")},
+        "metrics": {**scores[first], **drift},  # the first set (a plain run's only one), plus drift
+        "sets": sets,
+        "drift": drift,
+        "samples": samples,
         "inputs": {"generate": str(gen_dir), "extend": str(ext_dir), "train": str(train_dir)},
     }
-    with outputs.atomic_stage_dir(out_dir, "evaluate", stage_key(cfg, metatoken)) as (work, manifest):
+    with outputs.atomic_stage_dir(out_dir, "evaluate", stage_key(cfg, job)) as (work, manifest):
         outputs.write_json(work / "report.json", report)
         (work / "report.md").write_text(render_markdown(report))
-        manifest.update(metrics=metrics)
+        manifest.update(metrics=report["metrics"], sets=sets)
     print(render_markdown(report))
-    log.info("evaluate: recovery %.3f, drift %.5f -> %s", metrics["recovery"], metrics.get("drift_kl", float("nan")), out_dir)
+    log.info("evaluate: recovery %.3f, drift %.5f -> %s", report["metrics"]["recovery"], drift.get("drift_kl", float("nan")), out_dir)
     return out_dir

@@ -20,25 +20,25 @@ import torch
 from tokenizers import AddedToken
 
 from pipeline import outputs
-from pipeline.metatokens import ConfigError, Metatoken, job_metatoken
+from pipeline.job import Job, job_from_config
+from pipeline.metatokens import ConfigError, Metatoken
 from pipeline.models import load_model, load_tokenizer, start_model_path
 
 log = logging.getLogger(__name__)
 INIT_RULES = ("name_mean", "prompt_mean", "vocab_mean", "random")
 
 
-def stage_key(cfg, metatokens: list[Metatoken]) -> dict:
+def stage_key(cfg, job: Job) -> dict:
     return {
         "model": outputs.model_key(cfg.model),
-        "tags": {m.tag: m.prompt_sha for m in metatokens},
+        "tags": {m.tag: m.prompt_sha for m in job.metatokens.values()},
         "extend": outputs.plain(cfg.extend),
         "start": outputs.model_key(cfg.model) if cfg.generate.teacher_mode == "expand" else cfg.generate.bootstrap_model,
     }
 
 
-def output_dir(cfg, metatokens: list[Metatoken]) -> Path:
-    label = "+".join(m.name for m in metatokens)
-    return outputs.stage_dir(cfg.paths.outputs, "extend", label, stage_key(cfg, metatokens))
+def output_dir(cfg, job: Job) -> Path:
+    return outputs.stage_dir(cfg.paths.outputs, "extend", job.label, stage_key(cfg, job))
 
 
 def add_tag_tokens(tokenizer, tags: list[str]) -> dict[str, int]:
@@ -104,9 +104,10 @@ def extend_model(model, tokenizer, metatokens: list[Metatoken], rule: str) -> di
     return ids
 
 
-def run(cfg, metatokens: list[Metatoken] | None = None) -> Path:
-    metatokens = metatokens or [job_metatoken(cfg)]
-    out_dir = output_dir(cfg, metatokens)
+def run(cfg) -> Path:
+    job = job_from_config(cfg)
+    metatokens = list(job.metatokens.values())
+    out_dir = output_dir(cfg, job)
     if outputs.is_complete(out_dir) and not cfg.force:
         log.info("extend: %s is complete, nothing to do", out_dir)
         return out_dir
@@ -116,7 +117,7 @@ def run(cfg, metatokens: list[Metatoken] | None = None) -> Path:
     tokenizer = load_tokenizer(model_path)
     model = load_model(model_path, cfg.model.dtype, "cpu")
     ids = extend_model(model, tokenizer, metatokens, cfg.extend.init)
-    with outputs.atomic_stage_dir(out_dir, "extend", stage_key(cfg, metatokens)) as (work, manifest):
+    with outputs.atomic_stage_dir(out_dir, "extend", stage_key(cfg, job)) as (work, manifest):
         model.save_pretrained(work)
         tokenizer.save_pretrained(work)
         manifest.update(model_path=model_path, tag_ids=ids, vocab_size=len(tokenizer))

@@ -19,25 +19,26 @@ from tqdm.auto import tqdm
 from pipeline import outputs
 from pipeline.data import load_inputs, split_inputs
 from pipeline.formats import context_ids
-from pipeline.metatokens import Metatoken, job_metatoken
+from pipeline.job import Job, TagSet, job_from_config
+from pipeline.mixture import assign_sets
 from pipeline.models import load_model, load_tokenizer, start_model_path
 from pipeline.teacher import batch_cache, prefix_cache, shared_prefix_length
 
 log = logging.getLogger(__name__)
 
 
-def stage_key(cfg, metatoken: Metatoken) -> dict:
+def stage_key(cfg, job: Job) -> dict:
     return {
         "model": outputs.model_key(cfg.model),
-        "tag": metatoken.tag,
-        "prompt_sha": metatoken.prompt_sha,
+        "job": job.key(),
+        "mixture_seed": cfg.mixture.seed,
         "inputs": {**outputs.plain(cfg.inputs), "file": outputs.file_sha(cfg.inputs.file)},
         "generate": outputs.plain(cfg.generate),
     }
 
 
-def output_dir(cfg, metatoken: Metatoken) -> Path:
-    return outputs.stage_dir(cfg.paths.outputs, "generate", metatoken.name, stage_key(cfg, metatoken))
+def output_dir(cfg, job: Job) -> Path:
+    return outputs.stage_dir(cfg.paths.outputs, "generate", job.label, stage_key(cfg, job))
 
 
 @torch.no_grad()
@@ -128,9 +129,21 @@ def sample_all(model, tokenizer, contexts, gen_cfg, desc: str) -> list[dict]:
     return results
 
 
+def plan(job: Job, train_rows: list[dict], heldout_rows: list[dict], seed: int) -> list[tuple[str, TagSet, list[dict]]]:
+    """Which inputs the teacher answers under which tag set: (split, tag set, rows) groups.
+
+    Training inputs are each assigned one set by the mixture's weights; every evaluated set
+    answers all held-out inputs (so sets are compared on the same inputs).
+    """
+    assigned = assign_sets([r["id"] for r in train_rows], job.train_sets, job.weights, seed)
+    groups = [("train", s, [r for r, a in zip(train_rows, assigned) if a == s]) for s in job.train_sets]
+    groups += [("heldout", s, heldout_rows) for s in job.eval_sets]
+    return [g for g in groups if g[2]]
+
+
 def run(cfg) -> Path:
-    metatoken = job_metatoken(cfg)
-    out_dir = output_dir(cfg, metatoken)
+    job = job_from_config(cfg)
+    out_dir = output_dir(cfg, job)
     if outputs.is_complete(out_dir) and not cfg.force:
         log.info("generate: %s is complete, nothing to do", out_dir)
         return out_dir
@@ -141,23 +154,24 @@ def run(cfg) -> Path:
     tokenizer = load_tokenizer(model_path)
     model = load_model(model_path, cfg.model.dtype, cfg.model.device)
     chat = cfg.model.chat
-    prompt = metatoken.teacher_prompt(cfg.generate.teacher_mode)
 
-    with outputs.atomic_stage_dir(out_dir, "generate", stage_key(cfg, metatoken)) as (work, manifest):
+    with outputs.atomic_stage_dir(out_dir, "generate", stage_key(cfg, job)) as (work, manifest):
+        base = {}
+        if cfg.generate.base_samples and heldout_rows:  # the model without prompt, for drift and side by side
+            plain = [context_ids(tokenizer, r["text"], None, chat) for r in heldout_rows]
+            base = dict(zip((r["id"] for r in heldout_rows), sample_all(model, tokenizer, plain, cfg.generate, "base heldout")))
         records = []
-        for split, rows in (("train", train_rows), ("heldout", heldout_rows)):
+        for split, tag_set, rows in plan(job, train_rows, heldout_rows, cfg.mixture.seed):
+            prompt = job.teacher_prompt(tag_set, cfg.generate.teacher_mode)
             contexts = [context_ids(tokenizer, r["text"], prompt, chat) for r in rows]
-            teacher = sample_all(model, tokenizer, contexts, cfg.generate, f"teacher {split}")
-            base = [None] * len(rows)
-            if split == "heldout" and cfg.generate.base_samples:
-                plain = [context_ids(tokenizer, r["text"], None, chat) for r in rows]
-                base = sample_all(model, tokenizer, plain, cfg.generate, "base heldout")
-            for row, t, b in zip(rows, teacher, base):
+            teacher = sample_all(model, tokenizer, contexts, cfg.generate, f"teacher {split} {''.join(tag_set) or 'untagged'}")
+            for row, t in zip(rows, teacher):
+                b = base.get(row["id"]) if split == "heldout" else None
                 records.append(
                     {
                         "id": row["id"],
                         "split": split,
-                        "tags": [metatoken.tag],
+                        "tags": list(tag_set),
                         "input": row["text"],
                         "output": tokenizer.decode(t["output_ids"], skip_special_tokens=True),
                         **t,
@@ -166,13 +180,18 @@ def run(cfg) -> Path:
                     }
                 )
         Dataset.from_list(records).save_to_disk(str(work / "dataset"))
-        prompt_tokens = len(context_ids(tokenizer, "", prompt, chat)) - len(context_ids(tokenizer, "", None, chat))
+        plain_tokens = len(context_ids(tokenizer, "", None, chat))
         manifest.update(
             model_path=model_path,
-            tag=metatoken.tag,
-            prompt_source=metatoken.source,
-            prompt_tokens=prompt_tokens,
-            counts={"train": len(train_rows), "heldout": len(heldout_rows)},
+            tags={t: m.source for t, m in job.metatokens.items()},
+            prompt_tokens={
+                "+".join(s): len(context_ids(tokenizer, "", job.teacher_prompt(s, cfg.generate.teacher_mode), chat)) - plain_tokens
+                for s in job.eval_sets
+            },
+            counts={
+                f"{split} {'+'.join(s) or 'untagged'}": sum(1 for r in records if r["split"] == split and tuple(r["tags"]) == s)
+                for split, s, _ in plan(job, train_rows, heldout_rows, cfg.mixture.seed)
+            },
             generated_tokens=sum(len(r["output_ids"]) + len(r["base_output_ids"]) for r in records),
         )
     log.info("generate: %d train + %d held-out samples -> %s", len(train_rows), len(heldout_rows), out_dir)

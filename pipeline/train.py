@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import math
 import os
 import shutil
@@ -32,7 +33,8 @@ from pipeline import extend, generate, outputs
 from pipeline.data import gather_positions, pad_2d, pad_examples
 from pipeline.formats import context_ids
 from pipeline.losses import full_kl, masked_mean, suppress, token_cross_entropy, topk_kl
-from pipeline.metatokens import ConfigError, Metatoken, job_metatoken
+from pipeline.job import Job, job_from_config
+from pipeline.metatokens import ConfigError
 from pipeline.models import load_model, load_tokenizer
 from pipeline.teacher import CachedPromptTeacher
 
@@ -42,21 +44,31 @@ PARAMS = ("embedding", "lora", "full")
 TEACHERS = ("recorded", "online")
 
 
-def stage_key(cfg, metatoken: Metatoken) -> dict:
+def stage_key(cfg, job: Job) -> dict:
     train_cfg = outputs.plain(cfg.train)
     train_cfg.pop("report_to", None)  # where logs go does not change the model
     return {
-        "generate": outputs.key_hash(generate.stage_key(cfg, metatoken)),
-        "extend": outputs.key_hash(extend.stage_key(cfg, [metatoken])),
+        "generate": outputs.key_hash(generate.stage_key(cfg, job)),
+        "extend": outputs.key_hash(extend.stage_key(cfg, job)),
         "train": train_cfg,
     }
 
 
-def output_dir(cfg, metatoken: Metatoken) -> Path:
-    return outputs.stage_dir(cfg.paths.outputs, "train", metatoken.name, stage_key(cfg, metatoken))
+def output_dir(cfg, job: Job) -> Path:
+    return outputs.stage_dir(cfg.paths.outputs, "train", job.label, stage_key(cfg, job))
 
 
-def build_examples(records, tokenizer, chat: bool, teacher=None) -> list[dict]:
+def student_context(job: Job, record: dict, tokenizer, chat: bool, seed: int) -> list[int]:
+    """The student's context for a record: its tags side by side in place of the prompt.
+
+    With `mixture.order=random` each record gets its own order (seeded by its id), so the tags
+    are learned as a set; untagged records get the plain context.
+    """
+    rng = random.Random(f"{seed}:{record['id']}:{'+'.join(record['tags'])}")
+    return context_ids(tokenizer, record["input"], job.student_tags(tuple(record["tags"]), rng), chat)
+
+
+def build_examples(records, tokenizer, chat: bool, teacher=None, job: Job | None = None, seed: int = 0) -> list[dict]:
     """Student examples: the tag(s) in place of the prompt, then the teacher's continuation.
 
     `plain_context_ids` is the same input with no tag, for the term that keeps untagged
@@ -68,7 +80,9 @@ def build_examples(records, tokenizer, chat: bool, teacher=None) -> list[dict]:
         examples.append(
             {
                 **({"teacher_suffix_ids": teacher.suffix_ids(r["input"])} if teacher else {}),
-                "context_ids": context_ids(tokenizer, r["input"], "".join(r["tags"]), chat),
+                "context_ids": student_context(job, r, tokenizer, chat, seed)
+                if job
+                else context_ids(tokenizer, r["input"], "".join(r["tags"]) or None, chat),
                 "plain_context_ids": context_ids(tokenizer, r["input"], None, chat),
                 "output_ids": r["output_ids"],
                 "topk_ids": r["topk_ids"],
@@ -231,8 +245,8 @@ def save_student(model, tokenizer, out: Path, merge_lora: bool, tag_ids: list[in
 
 
 def run(cfg) -> Path:
-    metatoken = job_metatoken(cfg)
-    out_dir = output_dir(cfg, metatoken)
+    job = job_from_config(cfg)
+    out_dir = output_dir(cfg, job)
     if outputs.is_complete(out_dir) and not cfg.force:
         log.info("train: %s is complete, nothing to do", out_dir)
         return out_dir
@@ -241,7 +255,7 @@ def run(cfg) -> Path:
         raise ConfigError(f"train.teacher is {train_cfg.teacher!r}. Fix: use one of {', '.join(TEACHERS)}.")
     if train_cfg.objective not in OBJECTIVES:
         raise ConfigError(f"train.objective is {train_cfg.objective!r}. Fix: use one of {', '.join(OBJECTIVES)}.")
-    gen_dir, ext_dir = generate.output_dir(cfg, metatoken), extend.output_dir(cfg, [metatoken])
+    gen_dir, ext_dir = generate.output_dir(cfg, job), extend.output_dir(cfg, job)
     for stage, d in (("generate", gen_dir), ("extend", ext_dir)):
         if not outputs.is_complete(d):
             raise FileNotFoundError(f"train needs the {stage} output {d}. Fix: run `python -m pipeline stage={stage}` with the same config first (or stage=all).")
@@ -252,10 +266,18 @@ def run(cfg) -> Path:
     model, groups = prepare_trainable(model, train_cfg, tag_ids)
     model.train()
     frozen = frozen_start(model, train_cfg.params, ext_dir, cfg)
-    teacher = CachedPromptTeacher(frozen, tokenizer, metatoken.teacher_prompt(cfg.generate.teacher_mode), cfg.model.chat) if train_cfg.teacher == "online" else None
-    examples = build_examples(records, tokenizer, cfg.model.chat, teacher)
+    teacher = None
+    if train_cfg.teacher == "online":
+        if len(job.train_sets) != 1:
+            raise ConfigError(
+                "train.teacher=online computes one prompt's cache; this run trains several tag sets (mixture). "
+                "Fix: use train.teacher=recorded for mixtures."
+            )
+        prompt = job.teacher_prompt(job.train_sets[0], cfg.generate.teacher_mode)
+        teacher = CachedPromptTeacher(frozen, tokenizer, prompt, cfg.model.chat)
+    examples = build_examples(records, tokenizer, cfg.model.chat, teacher, job, cfg.mixture.seed)
 
-    with outputs.atomic_stage_dir(out_dir, "train", stage_key(cfg, metatoken), keep_partial=True) as (work, manifest):
+    with outputs.atomic_stage_dir(out_dir, "train", stage_key(cfg, job), keep_partial=True) as (work, manifest):
         steps_per_epoch = math.ceil(len(examples) / (train_cfg.batch_size * train_cfg.grad_accum))
         total_steps = train_cfg.max_steps if train_cfg.max_steps > 0 else math.ceil(steps_per_epoch * train_cfg.epochs)
         optimizer = torch.optim.AdamW(groups, weight_decay=train_cfg.weight_decay)

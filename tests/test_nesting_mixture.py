@@ -6,6 +6,7 @@ import random
 import pytest
 
 from pipeline.metatokens import ConfigError, Metatoken, expand, inner_tags, load_registry
+from pipeline.job import job_from_config
 from pipeline.mixture import assign_sets, compose_prompt, order_tags
 
 
@@ -99,7 +100,7 @@ def test_nested_tag_bootstrap_chain_of_two_levels_runs(tiny_cfg, tiny_data):
 
     from pipeline import evaluate, train
     from pipeline.__main__ import run_stages
-    from pipeline.metatokens import job_metatoken
+    from pipeline.job import job_from_config
 
     conf = tiny_data / "metatokens"
     conf.mkdir()
@@ -111,9 +112,9 @@ def test_nested_tag_bootstrap_chain_of_two_levels_runs(tiny_cfg, tiny_data):
     def run(tag, prompt, *extra):
         cfg = tiny_cfg(*common, f"metatoken.tag='{tag}'", f"metatoken.prompt='{prompt}'", *extra)
         run_stages(cfg)
-        m = job_metatoken(cfg)
-        report = json.loads((evaluate.output_dir(cfg, m) / "report.json").read_text())
-        return train.output_dir(cfg, m), m, report
+        job = job_from_config(cfg)
+        report = json.loads((evaluate.output_dir(cfg, job) / "report.json").read_text())
+        return train.output_dir(cfg, job), job.metatokens[tag], report
 
     level0, _, _ = run("<a>", "You are a kind and warm assistant.")
     level1, m1, r1 = run("<b>", "<a> Always answer about the river bank.", "generate.teacher_mode=bootstrap", f"generate.bootstrap_model={level0}")
@@ -140,3 +141,52 @@ def test_bootstrap_teacher_without_the_inner_tag_is_rejected_before_compute(tiny
         run_stages(cfg)
     with pytest.raises(ConfigError, match="mentions <zzz>"):
         run_stages(tiny_cfg(f"paths.metatokens={conf}", "metatoken.prompt_file=null", "metatoken.tag='<b>'", "metatoken.prompt='<zzz> More.'"))
+
+
+def test_remix_run_trains_sets_and_reports_an_untrained_pair(tiny_cfg, tiny_data):
+    """Two tags trained alone (plus untagged inputs); their pair, never trained, is evaluated too."""
+    import json
+
+    from datasets import load_from_disk
+
+    from pipeline import evaluate, generate
+    from pipeline.__main__ import run_stages
+
+    conf = tiny_data / "metatokens"
+    conf.mkdir()
+    (conf / "kind.yaml").write_text('tag: "<kind>"\nprompt: You are a kind and warm assistant who always encourages the user.\n')
+    (conf / "fox.yaml").write_text('tag: "<fox>"\nprompt: The quick brown fox jumps over the lazy dog near the river bank.\n')
+    cfg = tiny_cfg(
+        f"paths.metatokens={conf}", "mixture.sets=[[kind],[fox]]", "mixture.weights=[1,1]", "mixture.untagged=0.2",
+        "mixture.heldout_sets=[[kind,fox]]", "mixture.order=random", "train.max_steps=3", "evaluate.num_samples=1",
+    )
+    run_stages(cfg)
+    job = job_from_config(cfg)
+    data = load_from_disk(str(generate.output_dir(cfg, job) / "dataset"))
+    train_sets = {tuple(r["tags"]) for r in data if r["split"] == "train"}
+    assert train_sets <= {("<kind>",), ("<fox>",), ()} and ("<kind>", "<fox>") not in train_sets
+    heldout_sets = {tuple(r["tags"]) for r in data if r["split"] == "heldout"}
+    assert heldout_sets == {("<kind>",), ("<fox>",), ("<kind>", "<fox>")}
+    report = json.loads((evaluate.output_dir(cfg, job) / "report.json").read_text())
+    pair = next(s for s in report["sets"] if s["tags"] == ["<kind>", "<fox>"])
+    assert pair["in_training"] is False and pair["effect_kl"] > 0 and "recovery" in pair
+    assert {tuple(s["tags"]) for s in report["sets"] if s["in_training"]} == {("<kind>",), ("<fox>",)}
+
+
+def test_random_tag_order_is_per_example_and_reproducible():
+    from pipeline.job import Job
+    from pipeline.metatokens import Metatoken
+    from pipeline.train import student_context
+
+    class Tok:  # the context text is all we look at
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": list(text)}
+
+    job = Job({t: Metatoken(t, "p", "x") for t in ("<a>", "<b>", "<c>")}, (("<a>", "<b>", "<c>"),), (1.0,), (), "random")
+    orders = {
+        "".join(student_context(job, {"id": f"r{i}", "tags": ["<a>", "<b>", "<c>"], "input": ""}, Tok(), False, 0))
+        for i in range(40)
+    }
+    assert len(orders) == 6
+    record = {"id": "r1", "tags": ["<a>", "<b>"], "input": "x"}
+    assert student_context(job, record, Tok(), False, 0) == student_context(job, record, Tok(), False, 0)

@@ -8,15 +8,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline import evaluate, generate, train
 from pipeline.__main__ import run_stages
-from pipeline.metatokens import ConfigError, job_metatoken
+from pipeline.job import job_from_config
+from pipeline.metatokens import ConfigError
 from tests.conftest import compose
 
 
 def test_chain_runs_reports_and_outputs_load_with_plain_transformers(tiny_cfg):
     cfg = tiny_cfg("train.objective=kl", "train.params=lora", "train.max_steps=6", "train.embedding_lr=0.05")
     run_stages(cfg)
-    metatoken = job_metatoken(cfg)
-    report_dir = evaluate.output_dir(cfg, metatoken)
+    job = job_from_config(cfg)
+    report_dir = evaluate.output_dir(cfg, job)
     report = json.loads((report_dir / "report.json").read_text())
     m = report["metrics"]
     assert m["effect_kl"] > 0.01  # the prompt changes the tiny model measurably
@@ -25,11 +26,11 @@ def test_chain_runs_reports_and_outputs_load_with_plain_transformers(tiny_cfg):
     assert m["drift_kl"] >= 0 and m["prompt_tokens_saved"] > 5
     assert len(report["samples"]) == 2 and "<kind>" in (report_dir / "report.md").read_text()
 
-    dataset_rows = json.loads((generate.output_dir(cfg, metatoken) / "manifest.json").read_text())["counts"]
-    assert dataset_rows["train"] > 0 and dataset_rows["heldout"] > 0
+    dataset_rows = json.loads((generate.output_dir(cfg, job) / "manifest.json").read_text())["counts"]
+    assert dataset_rows["train <kind>"] > 0 and dataset_rows["heldout <kind>"] > 0
 
     # The trained output is a normal HF directory: no project code needed to load and run it.
-    out = train.output_dir(cfg, metatoken)
+    out = train.output_dir(cfg, job)
     model = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
     tag_id = tok.convert_tokens_to_ids("<kind>")
@@ -44,18 +45,18 @@ def test_chain_runs_reports_and_outputs_load_with_plain_transformers(tiny_cfg):
 def test_rerun_is_a_noop_and_a_changed_config_gets_a_new_folder(tiny_cfg):
     cfg = tiny_cfg("stage=generate")
     run_stages(cfg)
-    out = generate.output_dir(cfg, job_metatoken(cfg))
+    out = generate.output_dir(cfg, job_from_config(cfg))
     stamp = (out / "manifest.json").stat().st_mtime_ns
     run_stages(cfg)
     assert (out / "manifest.json").stat().st_mtime_ns == stamp
     changed = tiny_cfg("stage=generate", "generate.max_new_tokens=3")
     run_stages(changed)
-    other = generate.output_dir(changed, job_metatoken(changed))
+    other = generate.output_dir(changed, job_from_config(changed))
     assert other != out and (other / "manifest.json").exists()
     assert (out / "manifest.json").stat().st_mtime_ns == stamp
     # logging choices do not change what a stage computes, so they do not change its folder
-    assert train.output_dir(cfg, job_metatoken(cfg)) == train.output_dir(
-        tiny_cfg("logger=wandb"), job_metatoken(cfg)
+    assert train.output_dir(cfg, job_from_config(cfg)) == train.output_dir(
+        tiny_cfg("logger=wandb"), job_from_config(cfg)
     )
 
 
@@ -63,8 +64,8 @@ def test_rerun_is_a_noop_and_a_changed_config_gets_a_new_folder(tiny_cfg):
 def test_other_objectives_and_parameter_sets_train(tiny_cfg, tiny_model, params, objective):
     cfg = tiny_cfg("stage=all", f"train.params={params}", f"train.objective={objective}", "train.max_steps=3")
     run_stages(cfg)
-    metatoken = job_metatoken(cfg)
-    out = train.output_dir(cfg, metatoken)
+    job = job_from_config(cfg)
+    out = train.output_dir(cfg, job)
     student = AutoModelForCausalLM.from_pretrained(out)
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
     tag_id = AutoTokenizer.from_pretrained(out).convert_tokens_to_ids("<kind>")
@@ -82,7 +83,7 @@ def test_unmerged_lora_saves_an_adapter_that_peft_loads(tiny_cfg):
 
     cfg = tiny_cfg("stage=all", "train.merge_lora=false", "train.max_steps=2", "evaluate.num_samples=1")
     run_stages(cfg)
-    out = train.output_dir(cfg, job_metatoken(cfg))
+    out = train.output_dir(cfg, job_from_config(cfg))
     assert (out / "adapter_config.json").exists()
     model = AutoPeftModelForCausalLM.from_pretrained(out)
     assert model.get_input_embeddings().weight.shape[0] == len(AutoTokenizer.from_pretrained(out))

@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline import evaluate, train
 from pipeline.__main__ import run_stages
-from pipeline.metatokens import job_metatoken
+from pipeline.job import job_from_config
 from tests.conftest import compose
 
 pytestmark = pytest.mark.slow
@@ -31,14 +31,14 @@ def test_default_model_chain_at_tiny_sizes(tmp_path):
         ]
     )
     run_stages(cfg)
-    metatoken = job_metatoken(cfg)
-    report = json.loads((evaluate.output_dir(cfg, metatoken) / "report.json").read_text())
+    job = job_from_config(cfg)
+    report = json.loads((evaluate.output_dir(cfg, job) / "report.json").read_text())
     m = report["metrics"]
     assert m["effect_kl"] > 0.1  # a 400-token pirate persona changes the model a lot
     assert m["residual_kl"] < m["init_residual_kl"]  # six steps on the tag row already help
     assert m["drift_kl"] < 1e-3  # embedding-only training leaves untagged text (almost) alone
     assert m["prompt_tokens_saved"] > 300
-    out = train.output_dir(cfg, metatoken)
+    out = train.output_dir(cfg, job)
     tok = AutoTokenizer.from_pretrained(out)
     assert tok("<pirate>", add_special_tokens=False)["input_ids"] == [len(tok) - 1]
     assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size == len(tok)

@@ -119,9 +119,9 @@ def test_online_teacher_trains_end_to_end(tiny_cfg):
 
     from pipeline import evaluate
     from pipeline.__main__ import run_stages
-    from pipeline.metatokens import job_metatoken
+    from pipeline.job import job_from_config
 
     cfg = tiny_cfg("train.teacher=online", "train.max_steps=4", "train.embedding_lr=0.05")
     run_stages(cfg)
-    m = json.loads((evaluate.output_dir(cfg, job_metatoken(cfg)) / "report.json").read_text())["metrics"]
+    m = json.loads((evaluate.output_dir(cfg, job_from_config(cfg)) / "report.json").read_text())["metrics"]
     assert m["residual_kl"] < m["init_residual_kl"]

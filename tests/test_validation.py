@@ -74,7 +74,7 @@ def test_unknown_config_key_is_rejected_by_the_schema():
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_cfg, monkeypatch):
     import pipeline.train as train_module
     from pipeline import train
-    from pipeline.metatokens import job_metatoken
+    from pipeline.job import job_from_config
 
     real_loss, calls = train_module.distill_loss, {"n": 0}
 
@@ -87,7 +87,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_cfg, mo
     cfg = tiny_cfg("train.max_steps=4", "train.save_steps=2")
     with pytest.raises(train.TrainingDiverged, match=r"loss became nan at step 3.*checkpoints saved so far are kept"):
         run_stages(cfg)
-    out = train.output_dir(cfg, job_metatoken(cfg))
+    out = train.output_dir(cfg, job_from_config(cfg))
     partial = out.with_name(f".{out.name}.partial")
     assert not out.exists()  # nothing half-written in place of a result
     assert [p.name for p in (partial / "checkpoints").glob("checkpoint-*")] == ["checkpoint-2"]
