@@ -29,6 +29,10 @@ class Metatoken:
     source: str  # the file that defined it (for error messages and manifests)
     expanded: str = ""  # the prompt with every inner tag replaced, recursively, by its own prompt
 
+    def __post_init__(self):
+        if not self.expanded:  # a prompt without inner tags is its own expansion
+            object.__setattr__(self, "expanded", self.prompt)
+
     @property
     def name(self) -> str:
         return self.tag.strip("<>")
