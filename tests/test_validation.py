@@ -94,3 +94,28 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_cfg, mo
     monkeypatch.setattr(train_module, "distill_loss", real_loss)
     run_stages(cfg)  # the same command resumes from checkpoint-2 and finishes
     assert (out / "manifest.json").exists()
+
+
+def test_same_config_and_seed_give_the_same_dataset_and_model(tiny_cfg, tmp_path):
+    import torch
+    from datasets import load_from_disk
+    from safetensors.torch import load_file
+
+    from pipeline import generate, train
+    from pipeline.job import job_from_config
+
+    runs = []
+    for name in ("first", "second"):
+        cfg = tiny_cfg(f"paths.outputs={tmp_path / name}", "stage=train", "train.max_steps=3")
+        for stage in ("generate", "extend", "train"):
+            run_stages(tiny_cfg(f"paths.outputs={tmp_path / name}", f"stage={stage}", "train.max_steps=3"))
+        job = job_from_config(cfg)
+        runs.append((generate.output_dir(cfg, job), train.output_dir(cfg, job)))
+    (gen_a, train_a), (gen_b, train_b) = runs
+    assert gen_a.name == gen_b.name and train_a.name == train_b.name  # same config, same key
+    assert load_from_disk(str(gen_a / "dataset")).to_list() == load_from_disk(str(gen_b / "dataset")).to_list()
+    weights_a, weights_b = load_file(train_a / "model.safetensors"), load_file(train_b / "model.safetensors")
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    manifest = json.loads((train_a / "manifest.json").read_text())
+    assert {"torch", "transformers", "peft"} <= set(manifest["versions"]) and manifest["key"]["train"]["seed"] == 0
