@@ -21,16 +21,17 @@ register_configs()
 
 def run_stages(cfg: DictConfig) -> None:
     """Run `cfg.stage` (or every stage for `all`); each stage skips itself when its output exists."""
-    from pipeline import evaluate, extend, generate, train
+    from pipeline import evaluate, extend, generate, progress, train
     from pipeline.metatokens import ConfigError, job_metatoken
 
     modules = {"generate": generate, "extend": extend, "train": train, "evaluate": evaluate}
     if cfg.stage not in (*STAGES, "all"):
         raise ConfigError(f"stage={cfg.stage!r} is not a stage. Fix: use one of {', '.join(STAGES)} or all.")
     job_metatoken(cfg)  # validate the metatoken before loading any model
+    progress.configure(cfg.progress)
     for name in STAGES if cfg.stage == "all" else (cfg.stage,):
         log.info("stage %s", name)
-        modules[name].run(cfg)
+        progress.run_with_summary(name, modules[name].run, cfg)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 from datasets import load_from_disk
-from tqdm.auto import tqdm
+from pipeline.progress import tqdm  # bars only when someone watches (progress=...)
 
-from pipeline import extend, generate, outputs, train
+from pipeline import extend, generate, outputs, report as reports, train
 from pipeline.data import gather_positions, pad_examples
 from pipeline.formats import context_ids
-from pipeline.losses import full_kl, recovery, suppress
+from pipeline.losses import full_kl, position_means, recovery, suppress
 from pipeline.metatokens import Metatoken, job_metatoken
 from pipeline.models import load_model, load_tokenizer, resolve_model_path
 
@@ -60,10 +60,14 @@ def continuation_logits(
     return result
 
 
+def token_kls(p_logits: list[torch.Tensor], q_logits: list[torch.Tensor]) -> list[torch.Tensor]:
+    """KL(p || q) at every continuation position, one tensor per example."""
+    return [full_kl(p, q) for p, q in zip(p_logits, q_logits)]
+
+
 def mean_kl(p_logits: list[torch.Tensor], q_logits: list[torch.Tensor]) -> float:
     """Token-weighted mean of KL(p || q) over all continuation positions."""
-    per_token = torch.cat([full_kl(p, q) for p, q in zip(p_logits, q_logits)])
-    return per_token.mean().item()
+    return torch.cat(token_kls(p_logits, q_logits)).mean().item()
 
 
 def score_student(student, tok, rows, teacher_logits, base_on_base, chat, eval_cfg, name, tag_ids) -> dict:
@@ -72,7 +76,8 @@ def score_student(student, tok, rows, teacher_logits, base_on_base, chat, eval_c
     student_logits = continuation_logits(
         student, tagged, [r["output_ids"] for r in rows], tok.pad_token_id, eval_cfg.batch_size, f"{name} tagged", tag_ids
     )
-    scores = {"residual_kl": mean_kl(teacher_logits, student_logits)}
+    residual = token_kls(teacher_logits, student_logits)
+    scores = {"residual_kl": torch.cat(residual).mean().item(), "residual_by_position": position_means(residual)[0]}
     if base_on_base is not None:
         drift_rows = [r for r in rows if r["base_output_ids"]]
         plain = [context_ids(tok, r["input"], None, chat) for r in drift_rows]
@@ -105,40 +110,6 @@ def sample_student(student, tok, rows, chat, gen_cfg, eval_cfg) -> list[str]:
     return texts
 
 
-def render_markdown(report: dict) -> str:
-    m = report["metrics"]
-    lines = [
-        f"# Metatoken report: {report['tag']}",
-        "",
-        f"Model `{report['model']}`, {report['heldout_examples']} held-out inputs, {report['scored_tokens']} scored tokens. "
-        f"Training: objective `{report['train']['objective']}`, params `{report['train']['params']}`.",
-        "",
-        "| model | KL to teacher (nats/token) | recovery | drift KL on untagged (nats/token) |",
-        "|---|---:|---:|---:|",
-        f"| base, no prompt | {m['effect_kl']:.4f} (= effect) | 0 | 0 |",
-        f"| extended, tag untrained | {m['init_residual_kl']:.4f} | {m['init_recovery']:.3f} | {m.get('init_drift_kl', float('nan')):.5f} |",
-        f"| **student with tag** | **{m['residual_kl']:.4f}** | **{m['recovery']:.3f}** | {m.get('drift_kl', float('nan')):.5f} |",
-        "",
-        f"Prompt tokens saved per call: **{m['prompt_tokens_saved']}** "
-        f"(teacher context {m['teacher_context_tokens']:.0f} tokens on average, student {m['student_context_tokens']:.0f}).",
-        "",
-        "recovery = 1 - residual / effect, where effect = KL(teacher with prompt || base without prompt) and "
-        "residual = KL(teacher with prompt || student with tag), teacher-forced on the teacher's held-out samples.",
-        "",
-        "## Samples (held-out inputs)",
-    ]
-    for s in report["samples"]:
-        lines += [
-            "",
-            f"**Input:** {s['input']}",
-            "",
-            f"- *base, no prompt:* {s['base']}",
-            f"- *teacher, full prompt:* {s['teacher']}",
-            f"- *student, {report['tag']}:* {s['student']}",
-        ]
-    return "\n".join(lines).replace("\r", "") + "\n"
-
-
 def run(cfg) -> Path:
     metatoken = job_metatoken(cfg)
     out_dir = output_dir(cfg, metatoken)
@@ -168,7 +139,10 @@ def run(cfg) -> Path:
     plain_ctx = [context_ids(base_tok, r["input"], None, chat) for r in rows]
     teacher_logits = continuation_logits(base, teacher_ctx, outputs_ids, base_tok.pad_token_id, bs, "teacher")
     base_logits = continuation_logits(base, plain_ctx, outputs_ids, base_tok.pad_token_id, bs, "base")
-    effect = mean_kl(teacher_logits, base_logits)
+    effect_tokens = token_kls(teacher_logits, base_logits)
+    effect = torch.cat(effect_tokens).mean().item()
+    effect_by_position, position_counts = position_means(effect_tokens)
+    per_position = {"count": position_counts, "effect_kl": effect_by_position}  # for the report's KL plot
     base_on_base = None
     if all(r["base_output_ids"] for r in rows):
         base_on_base = continuation_logits(
@@ -185,6 +159,7 @@ def run(cfg) -> Path:
         prefix = "" if name == "student" else "init_"
         metrics[prefix + "residual_kl"] = scores["residual_kl"]
         metrics[prefix + "recovery"] = recovery(effect, scores["residual_kl"])
+        per_position[prefix + "residual_kl"] = scores["residual_by_position"]
         if "drift_kl" in scores:
             metrics[prefix + "drift_kl"] = scores["drift_kl"]
         if name == "student":
@@ -211,12 +186,16 @@ def run(cfg) -> Path:
             {"id": r["id"], "input": r["input"], "base": r["base_output"], "teacher": r["output"], "student": s}
             for r, s in zip(shown, student_texts)
         ],
+        "per_position": per_position,
+        "output": str(out_dir),
         "inputs": {"generate": str(gen_dir), "extend": str(ext_dir), "train": str(train_dir)},
     }
     with outputs.atomic_stage_dir(out_dir, "evaluate", stage_key(cfg, metatoken)) as (work, manifest):
         outputs.write_json(work / "report.json", report)
-        (work / "report.md").write_text(render_markdown(report))
+        reports.render(work)  # report.md, report.html, plots/
         manifest.update(metrics=metrics)
-    print(render_markdown(report))
+    if cfg.logger.report_to == "wandb":
+        reports.log_to_wandb(out_dir, cfg.logger)
+    print((out_dir / "report.md").read_text())
     log.info("evaluate: recovery %.3f, drift %.5f -> %s", metrics["recovery"], metrics.get("drift_kl", float("nan")), out_dir)
     return out_dir

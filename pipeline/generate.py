@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from tqdm.auto import tqdm
+from pipeline.progress import tqdm  # bars only when someone watches (progress=...)
 from transformers import DynamicCache
 
 from pipeline import outputs
