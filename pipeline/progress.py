@@ -22,6 +22,16 @@ def configure(progress: bool | None) -> None:
     """Set from the `progress` config field (None = automatic)."""
     global _forced
     _forced = progress
+    # The libraries' own bars (weight loading, dataset filters) follow the same switch.
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    if enabled():
+        hf_logging.enable_progress_bar()
+        datasets.enable_progress_bars()
+    else:
+        hf_logging.disable_progress_bar()
+        datasets.disable_progress_bars()
 
 
 def enabled() -> bool:

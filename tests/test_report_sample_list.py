@@ -222,3 +222,18 @@ def test_report_goes_to_wandb_offline_and_a_wandb_failure_only_warns(run, tmp_pa
     monkeypatch.setattr(wandb, "init", lambda **kw: (_ for _ in ()).throw(RuntimeError("no network")))
     report.log_to_wandb(folder, logger)
     assert "could not log the report (no network)" in caplog.text
+
+
+def test_progress_switch_and_durations():
+    from pipeline import progress
+
+    try:
+        progress.configure(True)
+        assert not progress.tqdm(range(3), file=io.StringIO()).disable
+        progress.configure(False)
+        assert progress.tqdm(range(3)).disable
+        progress.configure(None)  # automatic: pytest's stderr is not a terminal
+        assert progress.tqdm(range(3)).disable
+    finally:
+        progress.configure(None)
+    assert [progress.duration(s) for s in (4.24, 245, 3725)] == ["4.2s", "4m05s", "1h02m"]
