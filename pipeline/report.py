@@ -219,7 +219,7 @@ def blocks(reports: list[dict], figures: dict[str, Path]) -> list[tuple]:
             f"epochs {train.get('epochs')}, max_steps {train.get('max_steps')}, lr {train.get('lr')}, "
             f"embedding_lr {train.get('embedding_lr')}. Context per call: teacher "
             f"{m['teacher_context_tokens']:.0f} tokens on average, student {m['student_context_tokens']:.0f}. "
-            f"Folder: `{r.get('output', r['folder'])}`.",
+            f"Folder: `{_relative(r.get('output', r['folder']))}`.",
         ))
         out.append(("h3", "Samples (held-out inputs)"))
         for s in r["samples"]:
@@ -229,6 +229,16 @@ def blocks(reports: list[dict], figures: dict[str, Path]) -> list[tuple]:
                 (f"student, `{label(r)}`", s["student"]),
             ]))
     return out
+
+
+def _relative(path: str) -> str:
+    """A path inside the checkout as the user types it (outputs/...), others unchanged."""
+    from pipeline.config import PROJECT_ROOT
+
+    try:
+        return str(Path(path).resolve().relative_to(PROJECT_ROOT))
+    except ValueError:
+        return str(path)
 
 
 def _md_cell(text: str) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import catalog
+from pipeline import catalog, progress
 from pipeline.formats import context_ids
 from pipeline.metatokens import TAG_PATTERN, ConfigError
 from pipeline.models import load_model, load_tokenizer
@@ -210,6 +210,7 @@ def interactive(sampler: Sampler, args: SampleArgs, stream=None, out=None) -> No
 
 def main(argv: list[str] | None = None, stream=None, out=None) -> None:
     args = parse_args(argv)
+    progress.configure(None)  # the libraries' loading bars only when someone watches
     outputs_dir = args.outputs or catalog.default_paths()["outputs"]
     sampler = Sampler(resolve_model(args.model, args.tags, outputs_dir), args.device)
     sampler.check(args.tags)
