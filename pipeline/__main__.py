@@ -21,7 +21,7 @@ register_configs()
 
 def run_stages(cfg: DictConfig) -> None:
     """Run `cfg.stage` (or every stage for `all`); each stage skips itself when its output exists."""
-    from pipeline import evaluate, extend, generate, train
+    from pipeline import evaluate, extend, generate, progress, train
     from pipeline.metatokens import ConfigError, job_metatoken
     from pipeline.models import start_model_path
     from pipeline.validate import check_job
@@ -32,9 +32,10 @@ def run_stages(cfg: DictConfig) -> None:
     metatoken = job_metatoken(cfg)  # validate the metatoken (and its nesting) before loading any model
     if cfg.stage in ("all", "generate", "extend"):
         check_job(cfg, metatoken, start_model_path(cfg))
+    progress.configure(cfg.progress)
     for name in STAGES if cfg.stage == "all" else (cfg.stage,):
         log.info("stage %s", name)
-        modules[name].run(cfg)
+        progress.run_with_summary(name, modules[name].run, cfg)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

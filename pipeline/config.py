@@ -131,6 +131,7 @@ class LoggerConfig:
 class Config:
     stage: str = "all"  # generate | extend | train | evaluate | all
     force: bool = False  # re-run a stage even if its output exists
+    progress: Optional[bool] = None  # progress bars: null = only when stderr is a terminal; true/false forces
     paths: PathsConfig = field(default_factory=PathsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     metatoken: MetatokenConfig = field(default_factory=MetatokenConfig)

@@ -20,12 +20,11 @@ from pathlib import Path
 
 import torch
 from datasets import load_from_disk
-from tqdm.auto import tqdm
-
-from pipeline import extend, generate, outputs, train
+from pipeline import extend, generate, outputs, report as reports, train
 from pipeline.data import gather_positions, pad_examples
 from pipeline.formats import context_ids
-from pipeline.losses import full_kl, recovery, suppress
+from pipeline.losses import full_kl, position_means, recovery, suppress
+from pipeline.progress import tqdm  # bars only when someone watches (progress=...)
 from pipeline.job import Job, job_from_config
 from pipeline.metatokens import ConfigError
 from pipeline.models import load_model, load_tokenizer, resolve_model_path
@@ -60,10 +59,14 @@ def continuation_logits(
     return result
 
 
+def token_kls(p_logits: list[torch.Tensor], q_logits: list[torch.Tensor]) -> list[torch.Tensor]:
+    """KL(p || q) at every continuation position, one tensor per example."""
+    return [full_kl(p, q) for p, q in zip(p_logits, q_logits)]
+
+
 def mean_kl(p_logits: list[torch.Tensor], q_logits: list[torch.Tensor]) -> float:
     """Token-weighted mean of KL(p || q) over all continuation positions."""
-    per_token = torch.cat([full_kl(p, q) for p, q in zip(p_logits, q_logits)])
-    return per_token.mean().item()
+    return torch.cat(token_kls(p_logits, q_logits)).mean().item()
 
 
 def tagged_contexts(job: Job, tok, rows, chat) -> list[list[int]]:
@@ -90,53 +93,6 @@ def sample_student(student, tok, contexts, gen_cfg, eval_cfg) -> list[str]:
         )
         texts.append(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
     return texts
-
-
-def render_markdown(report: dict) -> str:
-    m = report["metrics"]
-    lines = [
-        f"# Metatoken report: {report['tag']}",
-        "",
-        f"Model `{report['model']}`, {report['heldout_examples']} held-out inputs, {report['scored_tokens']} scored tokens. "
-        f"Training: objective `{report['train']['objective']}`, params `{report['train']['params']}`.",
-        "",
-        "| model | KL to teacher (nats/token) | recovery | drift KL on untagged (nats/token) |",
-        "|---|---:|---:|---:|",
-        f"| base, no prompt | {m['effect_kl']:.4f} (= effect) | 0 | 0 |",
-        f"| extended, tag untrained | {m['init_residual_kl']:.4f} | {m['init_recovery']:.3f} | {m.get('init_drift_kl', float('nan')):.5f} |",
-        f"| **student with tag** | **{m['residual_kl']:.4f}** | **{m['recovery']:.3f}** | {m.get('drift_kl', float('nan')):.5f} |",
-        "",
-        f"Prompt tokens saved per call: **{m['prompt_tokens_saved']}** "
-        f"(teacher context {m['teacher_context_tokens']:.0f} tokens on average, student {m['student_context_tokens']:.0f}).",
-        "",
-        "recovery = 1 - residual / effect, where effect = KL(teacher with prompt || base without prompt) and "
-        "residual = KL(teacher with prompt || student with tag), teacher-forced on the teacher's held-out samples.",
-        "",
-    ]
-    if len(report.get("sets", [])) > 1:
-        lines += [
-            "## Every tag set evaluated",
-            "",
-            "| tags | in training | effect | residual | recovery | untrained recovery | prompt tokens saved |",
-            "|---|---|---:|---:|---:|---:|---:|",
-        ]
-        for t in report["sets"]:
-            lines.append(
-                f"| {''.join(t['tags'])} | {'yes' if t['in_training'] else '**no**'} | {t['effect_kl']:.4f} | "
-                f"{t['residual_kl']:.4f} | {t['recovery']:.3f} | {t['init_recovery']:.3f} | {t['prompt_tokens_saved']} |"
-            )
-        lines.append("")
-    lines.append("## Samples (held-out inputs)")
-    for s in report["samples"]:
-        lines += [
-            "",
-            f"**Input:** {s['input']}",
-            "",
-            f"- *base, no prompt:* {s['base']}",
-            f"- *teacher, full prompt:* {s['teacher']}",
-            f"- *student, {''.join(s.get('tags', [])) or report['tag']}:* {s['student']}",
-        ]
-    return "\n".join(lines).replace("\r", "") + "\n"
 
 
 def run(cfg) -> Path:
@@ -166,14 +122,19 @@ def run(cfg) -> Path:
     # The reference teacher is the base model reading the fully expanded prompts of the set, whatever
     # teacher generated the data (expand or bootstrap), so recovery means the same in every mode.
     teacher_logits, effect, teacher_len = {}, {}, {}
+    first = job.eval_sets[0]
+    per_position = {}  # mean KL at each continuation position, for the first set (the report's KL plot)
     for tag_set, rows in by_set.items():
         outs = [r["output_ids"] for r in rows]
         name = "+".join(tag_set)
         teacher_ctx = [context_ids(base_tok, r["input"], job.reference_prompt(tag_set), chat) for r in rows]
         plain_ctx = [context_ids(base_tok, r["input"], None, chat) for r in rows]
         teacher_logits[tag_set] = continuation_logits(base, teacher_ctx, outs, pad, bs, f"teacher {name}")
-        effect[tag_set] = mean_kl(teacher_logits[tag_set], continuation_logits(base, plain_ctx, outs, pad, bs, f"base {name}"))
+        effect_tokens = token_kls(teacher_logits[tag_set], continuation_logits(base, plain_ctx, outs, pad, bs, f"base {name}"))
+        effect[tag_set] = torch.cat(effect_tokens).mean().item()
         teacher_len[tag_set] = sum(map(len, teacher_ctx)) / len(rows)
+        if tag_set == first:
+            per_position["effect_kl"], per_position["count"] = position_means(effect_tokens)
     drift_rows = [r for r in by_set[job.eval_sets[0]] if r["base_output_ids"]]
     drift_plain = [context_ids(base_tok, r["input"], None, chat) for r in drift_rows]
     drift_outs = [r["base_output_ids"] for r in drift_rows]
@@ -193,7 +154,10 @@ def run(cfg) -> Path:
         for tag_set, rows in by_set.items():
             contexts = tagged_contexts(job, tok, rows, chat)
             logits = continuation_logits(model, contexts, [r["output_ids"] for r in rows], tok.pad_token_id, bs, f"{name} {'+'.join(tag_set)}", tag_ids)
-            residual = mean_kl(teacher_logits[tag_set], logits)
+            residual_tokens = token_kls(teacher_logits[tag_set], logits)
+            residual = torch.cat(residual_tokens).mean().item()
+            if tag_set == first:
+                per_position[prefix + "residual_kl"] = position_means(residual_tokens)[0]
             scores[tag_set][prefix + "residual_kl"] = residual
             scores[tag_set][prefix + "recovery"] = recovery(effect[tag_set], residual)
             if name == "student":
@@ -213,7 +177,6 @@ def run(cfg) -> Path:
 
     trained_sets = {s for s in job.train_sets if s}
     sets = [{"tags": list(s), "in_training": s in trained_sets, "heldout_examples": len(by_set[s]), **scores[s]} for s in job.eval_sets]
-    first = job.eval_sets[0]
     report = {
         "tag": job.student_tags(first),
         "tags": job.tags,
@@ -225,12 +188,16 @@ def run(cfg) -> Path:
         "sets": sets,
         "drift": drift,
         "samples": samples,
+        "per_position": per_position,
+        "output": str(out_dir),
         "inputs": {"generate": str(gen_dir), "extend": str(ext_dir), "train": str(train_dir)},
     }
     with outputs.atomic_stage_dir(out_dir, "evaluate", stage_key(cfg, job)) as (work, manifest):
         outputs.write_json(work / "report.json", report)
-        (work / "report.md").write_text(render_markdown(report))
+        reports.render(work)  # report.md, report.html, plots/
         manifest.update(metrics=report["metrics"], sets=sets)
-    print(render_markdown(report))
+    if cfg.logger.report_to == "wandb":
+        reports.log_to_wandb(out_dir, cfg.logger)
+    print((out_dir / "report.md").read_text())
     log.info("evaluate: recovery %.3f, drift %.5f -> %s", report["metrics"]["recovery"], drift.get("drift_kl", float("nan")), out_dir)
     return out_dir

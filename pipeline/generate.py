@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from tqdm.auto import tqdm
+
+from pipeline.progress import tqdm  # bars only when someone watches (progress=...)
 
 from pipeline import outputs
 from pipeline.data import load_inputs, split_inputs

@@ -81,3 +81,18 @@ def recovery(effect: float, residual: float) -> float:
     if effect <= 0:
         raise ValueError(f"the prompt has no measurable effect (KL {effect}); recovery is undefined")
     return 1.0 - residual / effect
+
+
+def position_means(per_example: list[torch.Tensor]) -> tuple[list[float], list[int]]:
+    """Mean of per-token values at each position across examples of different lengths.
+
+    Position t averages the examples that reach t, so `counts[t]` (how many did) shrinks along
+    the sequence. Returns (means, counts), both as long as the longest example.
+    """
+    longest = max((len(v) for v in per_example), default=0)
+    sums = torch.zeros(longest, dtype=torch.float64)
+    counts = torch.zeros(longest, dtype=torch.long)
+    for values in per_example:
+        sums[: len(values)] += values.double()
+        counts[: len(values)] += 1
+    return (sums / counts.clamp_min(1)).tolist(), counts.tolist()

@@ -29,7 +29,7 @@ import torch
 from datasets import load_from_disk
 from transformers import Trainer, TrainingArguments, get_scheduler
 
-from pipeline import extend, generate, outputs
+from pipeline import extend, generate, outputs, progress
 from pipeline.data import gather_positions, pad_2d, pad_examples
 from pipeline.formats import context_ids
 from pipeline.losses import full_kl, masked_mean, suppress, token_cross_entropy, topk_kl
@@ -299,6 +299,7 @@ def run(cfg) -> Path:
             use_cpu=cfg.model.device == "cpu",
             remove_unused_columns=False,
             dataloader_num_workers=0,
+            disable_tqdm=not progress.enabled(),
         )
         trainer = DistillTrainer(
             model=model,
@@ -313,6 +314,7 @@ def run(cfg) -> Path:
             reference=frozen,
             teacher=teacher,
         )
+        progress.attach(trainer)  # the step bar also shows the loss
         checkpoints = sorted((work / "checkpoints").glob("checkpoint-*"))
         result = trainer.train(resume_from_checkpoint=bool(checkpoints))
         save_student(trainer.model, tokenizer, work, train_cfg.merge_lora, tag_ids)

@@ -78,8 +78,11 @@ def tiny_model(tmp_path_factory) -> Path:
 
 @pytest.fixture()
 def tiny_data(tmp_path) -> Path:
+    return write_tiny_data(tmp_path / "data")
+
+
+def write_tiny_data(data: Path) -> Path:
     """A data dir with a short prompt and a handful of inputs."""
-    data = tmp_path / "data"
     (data / "prompts").mkdir(parents=True)
     (data / "inputs").mkdir()
     (data / "prompts" / "kind.txt").write_text("You are a kind and warm assistant who always encourages the user.\n")
@@ -107,26 +110,29 @@ def tiny_cfg(tiny_model, tiny_data, tmp_path):
     """A full pipeline config on the tiny model, small enough to run every stage in seconds."""
 
     def make(*extra: str):
-        return compose(
-            [
-                "model=hf",
-                "model.name=tiny",
-                f"model.path={tiny_model}",
-                f"paths.data={tiny_data}",
-                f"paths.outputs={tmp_path / 'outputs'}",
-                "metatoken.tag='<kind>'",
-                "metatoken.prompt_file=prompts/kind.txt",
-                "inputs.heldout_fraction=0.25",
-                "generate.max_new_tokens=6",
-                "generate.batch_size=4",
-                "generate.logprobs_top_k=8",
-                "train.max_steps=4",
-                "train.batch_size=4",
-                "train.logging_steps=1",
-                "evaluate.num_samples=2",
-                "evaluate.sample_max_new_tokens=5",
-                *extra,
-            ]
-        )
+        return compose(tiny_overrides(tiny_model, tiny_data, tmp_path / "outputs", *extra))
 
     return make
+
+
+def tiny_overrides(model: Path, data: Path, outputs: Path, *extra: str) -> list[str]:
+    """Overrides that shrink the real configs to the tiny model (every stage in seconds)."""
+    return [
+        "model=hf",
+        "model.name=tiny",
+        f"model.path={model}",
+        f"paths.data={data}",
+        f"paths.outputs={outputs}",
+        "metatoken.tag='<kind>'",
+        "metatoken.prompt_file=prompts/kind.txt",
+        "inputs.heldout_fraction=0.25",
+        "generate.max_new_tokens=6",
+        "generate.batch_size=4",
+        "generate.logprobs_top_k=8",
+        "train.max_steps=4",
+        "train.batch_size=4",
+        "train.logging_steps=1",
+        "evaluate.num_samples=2",
+        "evaluate.sample_max_new_tokens=5",
+        *extra,
+    ]

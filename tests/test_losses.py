@@ -71,3 +71,11 @@ def test_recovery():
     assert recovery(1.0, 1.5) == pytest.approx(-0.5)
     with pytest.raises(ValueError, match="no measurable effect"):
         recovery(0.0, 0.1)
+
+
+def test_position_means_average_only_the_examples_that_reach_a_position():
+    from pipeline.losses import position_means
+
+    means, counts = position_means([torch.tensor([1.0, 2.0, 3.0]), torch.tensor([3.0]), torch.tensor([])])
+    assert means == pytest.approx([2.0, 2.0, 3.0]) and counts == [2, 1, 1]
+    assert position_means([]) == ([], [])
