@@ -3,6 +3,7 @@
     python -m pipeline stage=all metatoken=pirate
     python -m pipeline stage=train metatoken=nice train.params=full
     python -m pipeline -m stage=all metatoken=nice,pirate      # a multirun over tags
+    torchrun --nproc_per_node 2 -m pipeline stage=all model.device=cpu   # several ranks (README: multi-GPU)
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
+from pipeline import distributed
 from pipeline.config import register_configs
 
 log = logging.getLogger("pipeline")
@@ -30,7 +32,10 @@ def run_stages(cfg: DictConfig) -> None:
     job_metatoken(cfg)  # validate the metatoken before loading any model
     for name in STAGES if cfg.stage == "all" else (cfg.stage,):
         log.info("stage %s", name)
-        modules[name].run(cfg)
+        if name in ("generate", "train"):  # every rank works (generate: its shard; train: DDP / ZeRO)
+            modules[name].run(cfg)
+        else:  # extend and evaluate: rank 0 alone, the other ranks wait
+            distributed.on_main(name, modules[name].run, cfg)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -39,4 +44,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    distributed.setup()  # before Hydra: the ranks agree on one run folder
+    main()  # a failing rank exits here with an error (no barrier to hang in); torchrun stops the others
+    distributed.finish()  # barrier(); destroy_process_group()

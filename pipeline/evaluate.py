@@ -22,7 +22,7 @@ import torch
 from datasets import load_from_disk
 from tqdm.auto import tqdm
 
-from pipeline import extend, generate, outputs, train
+from pipeline import extend, generate, outputs, tracking, train
 from pipeline.data import gather_positions, pad_examples
 from pipeline.formats import context_ids
 from pipeline.losses import full_kl, recovery, suppress
@@ -217,6 +217,7 @@ def run(cfg) -> Path:
         outputs.write_json(work / "report.json", report)
         (work / "report.md").write_text(render_markdown(report))
         manifest.update(metrics=metrics)
+    tracking.log_report(cfg, report, group=train_dir.name, name=out_dir.name)  # logger=wandb: metrics + samples table
     print(render_markdown(report))
     log.info("evaluate: recovery %.3f, drift %.5f -> %s", metrics["recovery"], metrics.get("drift_kl", float("nan")), out_dir)
     return out_dir

@@ -28,7 +28,7 @@ import torch
 from datasets import load_from_disk
 from transformers import Trainer, TrainingArguments, get_scheduler
 
-from pipeline import extend, generate, outputs
+from pipeline import distributed, extend, generate, outputs, tracking
 from pipeline.data import gather_positions, pad_2d, pad_examples
 from pipeline.formats import context_ids
 from pipeline.losses import full_kl, masked_mean, suppress, token_cross_entropy, topk_kl
@@ -43,11 +43,14 @@ PARAMS = ("embedding", "lora", "full")
 def stage_key(cfg, metatoken: Metatoken) -> dict:
     train_cfg = outputs.plain(cfg.train)
     train_cfg.pop("report_to", None)  # where logs go does not change the model
-    return {
+    key = {
         "generate": outputs.key_hash(generate.stage_key(cfg, metatoken)),
         "extend": outputs.key_hash(extend.stage_key(cfg, [metatoken])),
         "train": train_cfg,
     }
+    if distributed.world_size() > 1:  # the global batch is batch_size x grad_accum x ranks (DDP or ZeRO: same math)
+        key["world_size"] = distributed.world_size()
+    return key
 
 
 def output_dir(cfg, metatoken: Metatoken) -> Path:
@@ -128,6 +131,18 @@ class DistillTrainer(Trainer):
         self.tag_ids = tag_ids
         self.untagged_weight = untagged_weight
         self.reference = reference
+        self.client_optimizers = kwargs.get("optimizers", (None, None))
+
+    def create_optimizer(self, model=None):
+        # DeepSpeed's init drops the optimizer given to __init__ and asks for a new one: hand ours back.
+        if self.optimizer is None:
+            self.optimizer = self.client_optimizers[0]
+        return super().create_optimizer(model)
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None:
+            self.lr_scheduler = self.client_optimizers[1]
+        return super().create_scheduler(num_training_steps, optimizer)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = distill_loss(model, inputs, self.objective, self.tag_ids)
@@ -178,7 +193,8 @@ def reference_model(model, params: str, ext_dir: Path, cfg):
         return None  # only the tag row trains, and untagged inputs never read it
     if params == "lora":
         return lambda: _adapters_off(model)
-    frozen = load_model(str(ext_dir), cfg.model.dtype, "cpu").requires_grad_(False)
+    with distributed.unsharded():  # under ZeRO-3 the frozen copy stays whole on each rank (it has no engine)
+        frozen = load_model(str(ext_dir), cfg.model.dtype, distributed.device(cfg.model)).requires_grad_(False)
     return lambda: contextlib.nullcontext(frozen)
 
 
@@ -223,8 +239,10 @@ def run(cfg) -> Path:
     model.train()
     examples = build_examples(records, tokenizer, cfg.model.chat)
 
-    with outputs.atomic_stage_dir(out_dir, "train", stage_key(cfg, metatoken), keep_partial=True) as (work, manifest):
-        steps_per_epoch = math.ceil(len(examples) / (train_cfg.batch_size * train_cfg.grad_accum))
+    ds_config = distributed.deepspeed_config(cfg)  # validated before any training work
+    with outputs.atomic_stage_dir(out_dir, "train", stage_key(cfg, metatoken), keep_partial=True, shared=True) as (work, manifest):
+        global_batch = train_cfg.batch_size * train_cfg.grad_accum * distributed.world_size()
+        steps_per_epoch = math.ceil(len(examples) / global_batch)
         total_steps = train_cfg.max_steps if train_cfg.max_steps > 0 else math.ceil(steps_per_epoch * train_cfg.epochs)
         optimizer = torch.optim.AdamW(groups, weight_decay=train_cfg.weight_decay)
         scheduler = get_scheduler("cosine", optimizer, int(train_cfg.warmup_ratio * total_steps), total_steps)
@@ -245,7 +263,10 @@ def run(cfg) -> Path:
             use_cpu=cfg.model.device == "cpu",
             remove_unused_columns=False,
             dataloader_num_workers=0,
+            deepspeed=ds_config,
+            include_num_input_tokens_seen=True,
         )
+        distributed.check_world_size(args)
         trainer = DistillTrainer(
             model=model,
             args=args,
@@ -257,9 +278,17 @@ def run(cfg) -> Path:
             untagged_weight=train_cfg.untagged_weight,
             reference=reference_model(model, train_cfg.params, ext_dir, cfg) if train_cfg.untagged_weight > 0 else None,
         )
+        distributed.add_callbacks_first(trainer, distributed.train_callbacks(work, global_batch))
         checkpoints = sorted((work / "checkpoints").glob("checkpoint-*"))
+        run = tracking.start(cfg, "train", out_dir.name, group=out_dir.name)  # rank 0; HF's wandb callback logs into it
         result = trainer.train(resume_from_checkpoint=bool(checkpoints))
-        save_student(trainer.model, tokenizer, work, train_cfg.merge_lora, tag_ids)
+        tracking.finish(run)
+        distributed.barrier()  # every rank has written its last checkpoint files
+        with distributed.full_params(trainer.model):  # ZeRO-3: gather the weights; rank 0 saves them
+            if distributed.is_main():
+                save_student(trainer.model, tokenizer, work, train_cfg.merge_lora, tag_ids)
+        if not distributed.is_main():
+            return out_dir
         outputs.write_json(work / "train_log.json", trainer.state.log_history)
         manifest.update(
             base_extended=str(ext_dir),
@@ -267,6 +296,8 @@ def run(cfg) -> Path:
             steps=total_steps,
             final_loss=result.training_loss,
             train_seconds=round(result.metrics.get("train_runtime", 0.0), 1),
+            world_size=distributed.world_size(),
+            deepspeed_stage=ds_config["zero_optimization"]["stage"] if ds_config else None,
         )
         shutil.rmtree(work / "checkpoints", ignore_errors=True)
     log.info("train: %d examples, %d steps, loss %.4f -> %s", len(examples), total_steps, result.training_loss, out_dir)
