@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from datasets import load_from_disk
-from transformers import Trainer, TrainingArguments, get_scheduler
+from transformers import Trainer, TrainingArguments, get_scheduler, set_seed
 
 from pipeline import distributed, extend, generate, outputs, tracking
 from pipeline.data import gather_positions, pad_2d, pad_examples
@@ -38,6 +38,7 @@ from pipeline.models import load_model, load_tokenizer
 log = logging.getLogger(__name__)
 OBJECTIVES = ("kl", "sft")
 PARAMS = ("embedding", "lora", "full")
+EMBEDDING_FILE = "embedding.safetensors"  # in LoRA checkpoints: the (tag rows of the) input embedding
 
 
 def stage_key(cfg, metatoken: Metatoken) -> dict:
@@ -144,6 +145,26 @@ class DistillTrainer(Trainer):
             self.lr_scheduler = self.client_optimizers[1]
         return super().create_scheduler(num_training_steps, optimizer)
 
+    # A peft checkpoint holds only the adapters, but the tag rows train in the base embedding: keep it
+    # next to them, or a resumed LoRA run would restart the tag rows from their initial values.
+    # (DeepSpeed checkpoints hold the whole engine state and are restored by DeepSpeed itself.)
+    def _save(self, output_dir=None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        if hasattr(self.model, "peft_config") and not self.is_deepspeed_enabled and self.args.should_save:
+            from safetensors.torch import save_file
+
+            weight = self.model.get_input_embeddings().weight.detach().cpu().contiguous()
+            save_file({"weight": weight}, os.path.join(output_dir or self.args.output_dir, EMBEDDING_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, EMBEDDING_FILE)
+        if os.path.exists(path):
+            from safetensors.torch import load_file
+
+            with torch.no_grad():
+                (model or self.model).get_input_embeddings().weight.copy_(load_file(path)["weight"])
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = distill_loss(model, inputs, self.objective, self.tag_ids)
         if self.untagged_weight > 0 and self.reference is not None:
@@ -235,6 +256,7 @@ def run(cfg) -> Path:
     tokenizer = load_tokenizer(str(ext_dir))
     model = load_model(str(ext_dir), cfg.model.dtype, "cpu")
     tag_ids = list(outputs.read_manifest(ext_dir)["tag_ids"].values())
+    set_seed(train_cfg.seed)  # LoRA's random init: the same whether or not other stages ran first in this process
     model, groups = prepare_trainable(model, train_cfg, tag_ids)
     model.train()
     examples = build_examples(records, tokenizer, cfg.model.chat)
@@ -267,6 +289,7 @@ def run(cfg) -> Path:
             include_num_input_tokens_seen=True,
         )
         distributed.check_world_size(args)
+        log.info("train: rank %d of world size %d (deepspeed: %s)", args.process_index, args.world_size, bool(ds_config))
         trainer = DistillTrainer(
             model=model,
             args=args,
