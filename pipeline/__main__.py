@@ -3,6 +3,7 @@
     python -m pipeline stage=all metatoken=pirate
     python -m pipeline stage=train metatoken=nice train.params=full
     python -m pipeline -m stage=all metatoken=nice,pirate      # a multirun over tags
+    torchrun --nproc_per_node 2 -m pipeline stage=all model.device=cpu   # several ranks (README: multi-GPU)
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
+from pipeline import distributed
 from pipeline.config import register_configs
 
 log = logging.getLogger("pipeline")
@@ -22,20 +24,25 @@ register_configs()
 def run_stages(cfg: DictConfig) -> None:
     """Run `cfg.stage` (or every stage for `all`); each stage skips itself when its output exists."""
     from pipeline import evaluate, extend, generate, progress, train
-    from pipeline.metatokens import ConfigError, job_metatoken
+    from pipeline.job import job_from_config
+    from pipeline.metatokens import ConfigError
     from pipeline.models import start_model_path
     from pipeline.validate import check_job
 
     modules = {"generate": generate, "extend": extend, "train": train, "evaluate": evaluate}
     if cfg.stage not in (*STAGES, "all"):
         raise ConfigError(f"stage={cfg.stage!r} is not a stage. Fix: use one of {', '.join(STAGES)} or all.")
-    metatoken = job_metatoken(cfg)  # validate the metatoken (and its nesting) before loading any model
+    job = job_from_config(cfg)  # validate the tags, their nesting and the mixture before loading any model
     if cfg.stage in ("all", "generate", "extend"):
-        check_job(cfg, metatoken, start_model_path(cfg))
+        for metatoken in job.metatokens.values():
+            check_job(cfg, metatoken, start_model_path(cfg))
     progress.configure(cfg.progress)
     for name in STAGES if cfg.stage == "all" else (cfg.stage,):
         log.info("stage %s", name)
-        progress.run_with_summary(name, modules[name].run, cfg)
+        if name in ("generate", "train"):  # every rank works (generate: its shard; train: DDP / ZeRO)
+            progress.run_with_summary(name, modules[name].run, cfg)
+        else:  # extend and evaluate: rank 0 alone, the other ranks wait
+            distributed.on_main(name, progress.run_with_summary, name, modules[name].run, cfg)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -44,4 +51,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    distributed.setup()  # before Hydra: the ranks agree on one run folder
+    main()  # a failing rank exits here with an error (no barrier to hang in); torchrun stops the others
+    distributed.finish()  # barrier(); destroy_process_group()

@@ -6,6 +6,8 @@ model is loaded.
 """
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -17,6 +19,11 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # `${project_root:}` in YAML resolves to the checkout, so paths work from any working directory.
 if not OmegaConf.has_resolver("project_root"):
     OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
+# `${run_stamp:}` names Hydra's run folder: the stamp rank 0 broadcast (pipeline.distributed.setup), else now.
+if not OmegaConf.has_resolver("run_stamp"):
+    OmegaConf.register_new_resolver(
+        "run_stamp", lambda: os.environ.get("PIPELINE_RUN_STAMP") or time.strftime("%Y-%m-%d_%H-%M-%S"), use_cache=True
+    )
 
 
 @dataclass
@@ -142,6 +149,7 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     mixture: MixtureConfig = field(default_factory=MixtureConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    deepspeed: Optional[Any] = None  # DeepSpeed config for train (conf/deepspeed/zero2|zero3); null: DDP / one process
     experiment: Optional[Any] = None
 
 

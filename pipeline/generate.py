@@ -17,7 +17,7 @@ from datasets import Dataset
 
 from pipeline.progress import tqdm  # bars only when someone watches (progress=...)
 
-from pipeline import outputs
+from pipeline import distributed, outputs
 from pipeline.data import load_inputs, split_inputs
 from pipeline.formats import context_ids
 from pipeline.job import Job, TagSet, job_from_config
@@ -110,14 +110,18 @@ def sample_all(model, tokenizer, contexts, gen_cfg, desc: str) -> list[dict]:
     """Batch the contexts (longest first, to waste little padding) and sample them all.
 
     With `gen_cfg.prompt_cache`, the prefix all contexts share (the prompt) is run through the
-    model once, and every batch starts from a copy of its keys and values.
+    model once, and every batch starts from a copy of its keys and values. Under several ranks the
+    batches (planned the same way on every rank) are dealt round-robin, so each batch, its seed
+    included, is exactly what one rank would have sampled.
     """
     prefix_len = shared_prefix_length(contexts) if gen_cfg.prompt_cache else 0
     cache = prefix_cache(model, contexts[0][:prefix_len]) if prefix_len else None
     order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
     results: list[dict] = [None] * len(contexts)
-    bar = tqdm(total=len(contexts), desc=desc, unit="sample")
-    for start in range(0, len(order), gen_cfg.batch_size):
+    bar = tqdm(total=len(contexts), desc=desc, unit="sample", disable=not distributed.is_main())
+    for batch_index, start in enumerate(range(0, len(order), gen_cfg.batch_size)):
+        if not distributed.owns_batch(batch_index):  # several ranks: each samples its own batches
+            continue
         chunk = order[start : start + gen_cfg.batch_size]
         # The seed depends on the batch's first input, not on the order batches run in.
         seed = gen_cfg.seed * 1_000_003 + chunk[0]
@@ -127,7 +131,7 @@ def sample_all(model, tokenizer, contexts, gen_cfg, desc: str) -> list[dict]:
             results[i] = r
         bar.update(len(chunk))
     bar.close()
-    return results
+    return distributed.merge_shards(results)  # by input index: the same records whatever the number of ranks
 
 
 def plan(job: Job, train_rows: list[dict], heldout_rows: list[dict], seed: int) -> list[tuple[str, TagSet, list[dict]]]:
@@ -153,7 +157,7 @@ def run(cfg) -> Path:
     )
     model_path = start_model_path(cfg)
     tokenizer = load_tokenizer(model_path)
-    model = load_model(model_path, cfg.model.dtype, cfg.model.device)
+    model = load_model(model_path, cfg.model.dtype, distributed.device(cfg.model))
     chat = cfg.model.chat
 
     with outputs.atomic_stage_dir(out_dir, "generate", stage_key(cfg, job)) as (work, manifest):

@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import shutil
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -78,12 +79,25 @@ def versions() -> dict:
 
 
 @contextmanager
-def atomic_stage_dir(out_dir: Path, stage: str, key: dict, keep_partial: bool = False):
+def atomic_stage_dir(out_dir: Path, stage: str, key: dict, keep_partial: bool = False, shared: bool = False):
     """Yield a work folder and a manifest dict; on success write the manifest and move it into place.
 
     With keep_partial, an interrupted run's work folder is reused (stages that can resume use it).
+    Under several ranks rank 0 alone writes the stage folder: the other ranks get a scratch folder
+    that is thrown away, or with `shared` the same `.partial` folder (for files every rank writes,
+    such as checkpoints); only rank 0 writes the manifest and moves the folder into place.
     """
+    from pipeline.distributed import is_main
+
     partial = out_dir.with_name(f".{out_dir.name}.partial")
+    if not is_main():
+        if shared:
+            partial.mkdir(parents=True, exist_ok=True)
+            yield partial, {}
+        else:
+            with tempfile.TemporaryDirectory(prefix=f"{stage}-rank-scratch-") as scratch:
+                yield Path(scratch), {}
+        return
     if partial.exists() and not keep_partial:
         shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)

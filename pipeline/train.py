@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 from datasets import load_from_disk
-from transformers import Trainer, TrainingArguments, get_scheduler
+from transformers import Trainer, TrainingArguments, get_scheduler, set_seed
 
-from pipeline import extend, generate, outputs, progress
+from pipeline import distributed, extend, generate, outputs, progress, tracking
 from pipeline.data import gather_positions, pad_2d, pad_examples
 from pipeline.formats import context_ids
 from pipeline.losses import full_kl, masked_mean, suppress, token_cross_entropy, topk_kl
@@ -42,16 +42,20 @@ log = logging.getLogger(__name__)
 OBJECTIVES = ("kl", "sft")
 PARAMS = ("embedding", "lora", "full")
 TEACHERS = ("recorded", "online")
+EMBEDDING_FILE = "embedding.safetensors"  # in LoRA checkpoints: the (tag rows of the) input embedding
 
 
 def stage_key(cfg, job: Job) -> dict:
     train_cfg = outputs.plain(cfg.train)
     train_cfg.pop("report_to", None)  # where logs go does not change the model
-    return {
+    key = {
         "generate": outputs.key_hash(generate.stage_key(cfg, job)),
         "extend": outputs.key_hash(extend.stage_key(cfg, job)),
         "train": train_cfg,
     }
+    if distributed.world_size() > 1:  # the global batch is batch_size x grad_accum x ranks (DDP or ZeRO: same math)
+        key["world_size"] = distributed.world_size()
+    return key
 
 
 def output_dir(cfg, job: Job) -> Path:
@@ -163,6 +167,38 @@ class DistillTrainer(Trainer):
         self.tag_ids = tag_ids
         self.untagged_weight = untagged_weight
         self.reference = reference
+        self.client_optimizers = kwargs.get("optimizers", (None, None))
+
+    def create_optimizer(self, model=None):
+        # DeepSpeed's init drops the optimizer given to __init__ and asks for a new one: hand ours back.
+        if self.optimizer is None:
+            self.optimizer = self.client_optimizers[0]
+        return super().create_optimizer(model)
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None:
+            self.lr_scheduler = self.client_optimizers[1]
+        return super().create_scheduler(num_training_steps, optimizer)
+
+    # A peft checkpoint holds only the adapters, but the tag rows train in the base embedding: keep it
+    # next to them, or a resumed LoRA run would restart the tag rows from their initial values.
+    # (DeepSpeed checkpoints hold the whole engine state and are restored by DeepSpeed itself.)
+    def _save(self, output_dir=None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        if hasattr(self.model, "peft_config") and not self.is_deepspeed_enabled and self.args.should_save:
+            from safetensors.torch import save_file
+
+            weight = self.model.get_input_embeddings().weight.detach().cpu().contiguous()
+            save_file({"weight": weight}, os.path.join(output_dir or self.args.output_dir, EMBEDDING_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, EMBEDDING_FILE)
+        if os.path.exists(path):
+            from safetensors.torch import load_file
+
+            with torch.no_grad():
+                (model or self.model).get_input_embeddings().weight.copy_(load_file(path)["weight"])
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = distill_loss(model, inputs, self.objective, self.tag_ids, self.teacher)
@@ -220,7 +256,8 @@ def frozen_start(model, params: str, ext_dir: Path, cfg):
         return lambda: contextlib.nullcontext(model)  # only the tag row trains; nothing else can change
     if params == "lora":
         return lambda: _adapters_off(model)
-    frozen = load_model(str(ext_dir), cfg.model.dtype, "cpu").requires_grad_(False)
+    with distributed.unsharded():  # under ZeRO-3 the frozen copy stays whole on each rank (it has no engine)
+        frozen = load_model(str(ext_dir), cfg.model.dtype, distributed.device(cfg.model)).requires_grad_(False)
     return lambda: contextlib.nullcontext(frozen)
 
 
@@ -263,6 +300,7 @@ def run(cfg) -> Path:
     tokenizer = load_tokenizer(str(ext_dir))
     model = load_model(str(ext_dir), cfg.model.dtype, "cpu")
     tag_ids = list(outputs.read_manifest(ext_dir)["tag_ids"].values())
+    set_seed(train_cfg.seed)  # LoRA's random init: the same whether or not other stages ran first in this process
     model, groups = prepare_trainable(model, train_cfg, tag_ids)
     model.train()
     frozen = frozen_start(model, train_cfg.params, ext_dir, cfg)
@@ -277,8 +315,10 @@ def run(cfg) -> Path:
         teacher = CachedPromptTeacher(frozen, tokenizer, prompt, cfg.model.chat)
     examples = build_examples(records, tokenizer, cfg.model.chat, teacher, job, cfg.mixture.seed)
 
-    with outputs.atomic_stage_dir(out_dir, "train", stage_key(cfg, job), keep_partial=True) as (work, manifest):
-        steps_per_epoch = math.ceil(len(examples) / (train_cfg.batch_size * train_cfg.grad_accum))
+    ds_config = distributed.deepspeed_config(cfg)  # validated before any training work
+    with outputs.atomic_stage_dir(out_dir, "train", stage_key(cfg, job), keep_partial=True, shared=True) as (work, manifest):
+        global_batch = train_cfg.batch_size * train_cfg.grad_accum * distributed.world_size()
+        steps_per_epoch = math.ceil(len(examples) / global_batch)
         total_steps = train_cfg.max_steps if train_cfg.max_steps > 0 else math.ceil(steps_per_epoch * train_cfg.epochs)
         optimizer = torch.optim.AdamW(groups, weight_decay=train_cfg.weight_decay)
         scheduler = get_scheduler("cosine", optimizer, int(train_cfg.warmup_ratio * total_steps), total_steps)
@@ -300,7 +340,11 @@ def run(cfg) -> Path:
             remove_unused_columns=False,
             dataloader_num_workers=0,
             disable_tqdm=not progress.enabled(),
+            deepspeed=ds_config,
+            include_num_input_tokens_seen=True,
         )
+        distributed.check_world_size(args)
+        log.info("train: rank %d of world size %d (deepspeed: %s)", args.process_index, args.world_size, bool(ds_config))
         trainer = DistillTrainer(
             model=model,
             args=args,
@@ -315,9 +359,17 @@ def run(cfg) -> Path:
             teacher=teacher,
         )
         progress.attach(trainer)  # the step bar also shows the loss
+        distributed.add_callbacks_first(trainer, distributed.train_callbacks(work, global_batch))
         checkpoints = sorted((work / "checkpoints").glob("checkpoint-*"))
+        run = tracking.start(cfg, "train", out_dir.name, group=out_dir.name)  # rank 0; HF's wandb callback logs into it
         result = trainer.train(resume_from_checkpoint=bool(checkpoints))
-        save_student(trainer.model, tokenizer, work, train_cfg.merge_lora, tag_ids)
+        tracking.finish(run)
+        distributed.barrier()  # every rank has written its last checkpoint files
+        with distributed.full_params(trainer.model):  # ZeRO-3: gather the weights; rank 0 saves them
+            if distributed.is_main():
+                save_student(trainer.model, tokenizer, work, train_cfg.merge_lora, tag_ids)
+        if not distributed.is_main():
+            return out_dir
         outputs.write_json(work / "train_log.json", trainer.state.log_history)
         manifest.update(
             base_extended=str(ext_dir),
@@ -325,6 +377,8 @@ def run(cfg) -> Path:
             steps=total_steps,
             final_loss=result.training_loss,
             train_seconds=round(result.metrics.get("train_runtime", 0.0), 1),
+            world_size=distributed.world_size(),
+            deepspeed_stage=ds_config["zero_optimization"]["stage"] if ds_config else None,
         )
         shutil.rmtree(work / "checkpoints", ignore_errors=True)
     log.info("train: %d examples, %d steps, loss %.4f -> %s", len(examples), total_steps, result.training_loss, out_dir)
