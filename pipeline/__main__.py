@@ -28,6 +28,10 @@ def run_stages(cfg: DictConfig) -> None:
     if cfg.stage not in (*STAGES, "all"):
         raise ConfigError(f"stage={cfg.stage!r} is not a stage. Fix: use one of {', '.join(STAGES)} or all.")
     job_metatoken(cfg)  # validate the metatoken before loading any model
+    if cfg.train.mode != "finetune":
+        from pipeline.pretrain import check_config
+
+        check_config(cfg)  # and the pretrain stream's settings
     for name in STAGES if cfg.stage == "all" else (cfg.stage,):
         log.info("stage %s", name)
         modules[name].run(cfg)

@@ -107,11 +107,14 @@ def sample_student(student, tok, rows, chat, gen_cfg, eval_cfg) -> list[str]:
 
 def render_markdown(report: dict) -> str:
     m = report["metrics"]
+    training = f"objective `{report['train']['objective']}`"
+    if report["train"].get("mode", "finetune") == "pretrain":
+        training = "continued pretraining (LM loss on packed tagged + plain documents)"
     lines = [
         f"# Metatoken report: {report['tag']}",
         "",
         f"Model `{report['model']}`, {report['heldout_examples']} held-out inputs, {report['scored_tokens']} scored tokens. "
-        f"Training: objective `{report['train']['objective']}`, params `{report['train']['params']}`.",
+        f"Training: {training}, params `{report['train']['params']}`.",
         "",
         "| model | KL to teacher (nats/token) | recovery | drift KL on untagged (nats/token) |",
         "|---|---:|---:|---:|",
@@ -125,8 +128,15 @@ def render_markdown(report: dict) -> str:
         "recovery = 1 - residual / effect, where effect = KL(teacher with prompt || base without prompt) and "
         "residual = KL(teacher with prompt || student with tag), teacher-forced on the teacher's held-out samples.",
         "",
-        "## Samples (held-out inputs)",
     ]
+    if "plain_drift_kl" in m:
+        lines += [
+            f"Held-out plain text ({m['plain_heldout_docs']} documents, {m['plain_tokens']} tokens, never trained on): "
+            f"drift KL(base || student) **{m['plain_drift_kl']:.4f}** nats/token; "
+            f"NLL base {m['plain_nll_base']:.4f} -> student {m['plain_nll_student']:.4f} nats/token.",
+            "",
+        ]
+    lines += ["## Samples (held-out inputs)"]
     for s in report["samples"]:
         lines += [
             "",
@@ -193,6 +203,10 @@ def run(cfg) -> Path:
             student_ctx = [context_ids(tok, r["input"], "".join(r["tags"]), chat) for r in rows]
         del model
 
+    if cfg.train.mode == "pretrain":  # drift on held-out plain text, the pretrain mixture's other half
+        from pipeline.pretrain import plain_text_scores
+
+        metrics.update(plain_text_scores(cfg, base_path, train_dir, tag_ids))
     teacher_len = sum(map(len, teacher_ctx)) / len(rows)
     student_len = sum(map(len, student_ctx)) / len(rows)
     metrics.update(
@@ -205,7 +219,7 @@ def run(cfg) -> Path:
         "model": cfg.model.name,
         "heldout_examples": len(rows),
         "scored_tokens": sum(map(len, outputs_ids)),
-        "train": {k: cfg.train[k] for k in ("objective", "params", "epochs", "max_steps", "lr", "embedding_lr")},
+        "train": {k: cfg.train[k] for k in ("mode", "objective", "params", "epochs", "max_steps", "lr", "embedding_lr")},
         "metrics": metrics,
         "samples": [
             {"id": r["id"], "input": r["input"], "base": r["base_output"], "teacher": r["output"], "student": s}

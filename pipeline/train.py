@@ -43,6 +43,11 @@ PARAMS = ("embedding", "lora", "full")
 def stage_key(cfg, metatoken: Metatoken) -> dict:
     train_cfg = outputs.plain(cfg.train)
     train_cfg.pop("report_to", None)  # where logs go does not change the model
+    train_cfg.pop("pretrain", None)
+    if train_cfg.pop("mode", "finetune") == "pretrain":  # finetune keys stay as they were before pretrain existed
+        from pipeline.pretrain import data_key
+
+        train_cfg.update(mode="pretrain", pretrain=data_key(cfg))
     return {
         "generate": outputs.key_hash(generate.stage_key(cfg, metatoken)),
         "extend": outputs.key_hash(extend.stage_key(cfg, [metatoken])),
@@ -221,11 +226,20 @@ def run(cfg) -> Path:
     tag_ids = list(outputs.read_manifest(ext_dir)["tag_ids"].values())
     model, groups = prepare_trainable(model, train_cfg, tag_ids)
     model.train()
-    examples = build_examples(records, tokenizer, cfg.model.chat)
+    pretraining = train_cfg.mode == "pretrain"
+    if pretraining:  # a packed stream of tagged + plain documents, LM loss (pipeline/pretrain.py)
+        from pipeline import pretrain
+
+        examples, pretrain_steps = pretrain.training_stream(cfg, records, tokenizer, tag_ids)
+    else:
+        examples = build_examples(records, tokenizer, cfg.model.chat)
 
     with outputs.atomic_stage_dir(out_dir, "train", stage_key(cfg, metatoken), keep_partial=True) as (work, manifest):
-        steps_per_epoch = math.ceil(len(examples) / (train_cfg.batch_size * train_cfg.grad_accum))
-        total_steps = train_cfg.max_steps if train_cfg.max_steps > 0 else math.ceil(steps_per_epoch * train_cfg.epochs)
+        if pretraining:
+            total_steps = pretrain_steps
+        else:
+            steps_per_epoch = math.ceil(len(examples) / (train_cfg.batch_size * train_cfg.grad_accum))
+            total_steps = train_cfg.max_steps if train_cfg.max_steps > 0 else math.ceil(steps_per_epoch * train_cfg.epochs)
         optimizer = torch.optim.AdamW(groups, weight_decay=train_cfg.weight_decay)
         scheduler = get_scheduler("cosine", optimizer, int(train_cfg.warmup_ratio * total_steps), total_steps)
         if train_cfg.report_to == "wandb":
@@ -246,16 +260,16 @@ def run(cfg) -> Path:
             remove_unused_columns=False,
             dataloader_num_workers=0,
         )
-        trainer = DistillTrainer(
+        trainer = (pretrain.PretrainTrainer if pretraining else DistillTrainer)(
             model=model,
             args=args,
             train_dataset=examples,
-            data_collator=DistillCollator(tokenizer.pad_token_id),
+            data_collator=pretrain.collate_blocks if pretraining else DistillCollator(tokenizer.pad_token_id),
             optimizers=(optimizer, scheduler),
             objective=train_cfg.objective,
             tag_ids=tag_ids,
             untagged_weight=train_cfg.untagged_weight,
-            reference=reference_model(model, train_cfg.params, ext_dir, cfg) if train_cfg.untagged_weight > 0 else None,
+            reference=reference_model(model, train_cfg.params, ext_dir, cfg) if train_cfg.untagged_weight > 0 and not pretraining else None,
         )
         checkpoints = sorted((work / "checkpoints").glob("checkpoint-*"))
         result = trainer.train(resume_from_checkpoint=bool(checkpoints))
@@ -263,7 +277,7 @@ def run(cfg) -> Path:
         outputs.write_json(work / "train_log.json", trainer.state.log_history)
         manifest.update(
             base_extended=str(ext_dir),
-            examples=len(examples),
+            examples=len(records) if pretraining else len(examples),
             steps=total_steps,
             final_loss=result.training_loss,
             train_seconds=round(result.metrics.get("train_runtime", 0.0), 1),
