@@ -233,6 +233,7 @@ def run(cfg) -> Path:
         examples, pretrain_steps = pretrain.training_stream(cfg, records, tokenizer, tag_ids)
     else:
         examples = build_examples(records, tokenizer, cfg.model.chat)
+    n_examples = len(records) if pretraining else len(examples)
 
     with outputs.atomic_stage_dir(out_dir, "train", stage_key(cfg, metatoken), keep_partial=True) as (work, manifest):
         if pretraining:
@@ -277,11 +278,11 @@ def run(cfg) -> Path:
         outputs.write_json(work / "train_log.json", trainer.state.log_history)
         manifest.update(
             base_extended=str(ext_dir),
-            examples=len(records) if pretraining else len(examples),
+            examples=n_examples,
             steps=total_steps,
             final_loss=result.training_loss,
             train_seconds=round(result.metrics.get("train_runtime", 0.0), 1),
         )
         shutil.rmtree(work / "checkpoints", ignore_errors=True)
-    log.info("train: %d examples, %d steps, loss %.4f -> %s", len(examples), total_steps, result.training_loss, out_dir)
+    log.info("train: %d examples, %d steps, loss %.4f -> %s", n_examples, total_steps, result.training_loss, out_dir)
     return out_dir
