@@ -30,8 +30,8 @@ from pipeline.pretrain_data import (
     Document,
     TaggedDoc,
     collate_blocks,
-    cycle_shuffled,
     mix_documents,
+    tag_sources,
 )
 from pipeline.train import DistillTrainer
 
@@ -100,13 +100,17 @@ def plain_source(plain_cfg, split: str):
     return ds.take(n) if split == "heldout" else ds.skip(n)
 
 
+def _text(row: dict, field: str):
+    if field not in row:
+        raise ConfigError(f"train.pretrain.plain.text_field is {field!r}, but the rows have {sorted(row)}. Fix: name the text column.")
+    return row[field]
+
+
 def plain_texts(plain_cfg, split: str) -> Iterator[str]:
-    field = plain_cfg.text_field
     for row in plain_source(plain_cfg, split):
-        if field not in row:
-            raise ConfigError(f"train.pretrain.plain.text_field is {field!r}, but the rows have {sorted(row)}. Fix: name the text column.")
-        if str(row[field]).strip():
-            yield str(row[field])
+        text = str(_text(row, plain_cfg.text_field))
+        if text.strip():
+            yield text
 
 
 def endless_plain(plain_cfg, tokenizer, seed: int) -> Iterator[list[int]]:
@@ -118,7 +122,9 @@ def endless_plain(plain_cfg, tokenizer, seed: int) -> Iterator[list[int]]:
         seen = 0
         for row in ds:
             seen += 1
-            yield tokenizer(str(row[field]), add_special_tokens=True)["input_ids"]
+            text = str(_text(row, field))
+            if text.strip():
+                yield tokenizer(text, add_special_tokens=True)["input_ids"]
         if not seen:
             raise ConfigError(
                 f"train.pretrain.plain: no documents left after the {plain_cfg.heldout_docs} held-out ones. "
@@ -161,7 +167,7 @@ def document_factory(cfg, records, tokenizer):
     docs = tagged_docs(records, tokenizer, cfg.model.chat, list(p.tags))
 
     def make(seed: int) -> Iterator[Document]:
-        tagged = {t: cycle_shuffled(d, hash((seed, t)) % 2**31) for t, d in docs.items()}
+        tagged = tag_sources(docs, seed)
         plain = endless_plain(p.plain, tokenizer, seed) if p.tagged_share < 1.0 else iter(())
         return mix_documents(tagged, plain, p.tagged_share, p.tag_dropout, p.tag_position, seed)
 

@@ -14,8 +14,9 @@ teacher's continuation) with plain untagged text, and is packed into fixed-lengt
   transformers' sdpa/eager/flash attention recognise packed sequences and keep attention inside a
   document (it needs `attention_mask=None` and `use_cache=False` in the forward call).
 - Labels: every token is a target (the model's own next-token loss), except the first token of
-  each piece (nothing before it in the block belongs to its document) and tag tokens (the model
-  reads tags, it never writes them, as in fine-tuning).
+  each piece (nothing before it in the block belongs to its document), tag tokens (the model
+  reads tags, it never writes them, as in fine-tuning) and the EOS after a teacher continuation
+  that was cut off at `generate.max_new_tokens` (it separates documents, but is no real ending).
 
     python -m pytest -q tests/test_pretrain_data.py
 """
@@ -66,13 +67,19 @@ def doc_rng(seed: int, index: int) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "little"))
 
 
-def cycle_shuffled(items: Sequence, seed: int) -> Iterator:
+def cycle_shuffled(items: Sequence, seed: int | str) -> Iterator:
     """Endless passes over `items`, each pass in a fresh order drawn from (seed, pass)."""
     for epoch in itertools.count():
         order = list(range(len(items)))
         random.Random(f"{seed}:{epoch}").shuffle(order)
         for i in order:
             yield items[i]
+
+
+def tag_sources(docs: dict[str, Sequence[TaggedDoc]], seed: int) -> dict[str, Iterator[TaggedDoc]]:
+    """One endless shuffled source per tag. Seeds are strings (hashed by `random` with SHA-512), never
+    Python's `hash()`, which changes between processes and would break resuming in a new one."""
+    return {tag: cycle_shuffled(items, f"{seed}:{tag}") for tag, items in docs.items()}
 
 
 def place_tag(doc: TaggedDoc, position: str, rng: random.Random) -> list[int]:

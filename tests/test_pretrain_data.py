@@ -150,3 +150,33 @@ def test_packed_attention_does_not_cross_documents(tiny_model):
     labels = torch.tensor([second + [EOS]])
     expected = model(input_ids=labels, labels=labels).loss
     assert torch.allclose(lm_loss(alone[None], labels, []), expected, atol=1e-5)
+
+
+def test_the_stream_is_the_same_in_a_new_process():
+    """Resuming happens in a new process: nothing in the stream may depend on Python's per-process hash seed."""
+    import subprocess
+    import sys
+
+    from pipeline.config import PROJECT_ROOT
+
+    script = (
+        "import itertools\n"
+        "from tests.test_pretrain_data import EOS, mixed_via_sources\n"
+        "from pipeline.pretrain_data import pack_blocks\n"
+        "print([b.input_ids for b in itertools.islice(pack_blocks(mixed_via_sources(5), 16, EOS), 30)])\n"
+    )
+    runs = {
+        subprocess.run(
+            [sys.executable, "-c", script], cwd=PROJECT_ROOT, env={**__import__("os").environ, "PYTHONHASHSEED": seed},
+            capture_output=True, text=True, check=True,
+        ).stdout
+        for seed in ("1", "2")
+    }
+    assert len(runs) == 1 and len(next(iter(runs))) > 100
+
+
+def mixed_via_sources(seed):
+    from pipeline.pretrain_data import tag_sources
+
+    docs = {"<a>": teacher_docs("<a>", TAG_A, 7), "<b>": teacher_docs("<b>", TAG_B, 5)}
+    return mix_documents(tag_sources(docs, seed), itertools.cycle(random_docs(13, seed)), 0.5, 0.2, "random", seed)
