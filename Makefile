@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: help setup demo test test-fast clean bench
+.PHONY: help setup demo demo-pretrain test test-fast clean bench
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -22,6 +22,9 @@ setup: $(PY)  ## create .venv, install everything (torch CPU wheel pinned), conv
 
 demo:  ## the whole chain for <pirate> on the default model, then print the report (~10 min on 2 CPU cores)
 	$(PY) -m pipeline experiment=demo
+
+demo-pretrain:  ## continued pretraining for <pirate> on the default model as a plain LM (~10 min)
+	OMP_NUM_THREADS=1 $(PY) -m pipeline experiment=pretrain_demo
 
 test:  ## the test suite (tiny models, plus one chain on the real default model)
 	$(PY) -m pytest

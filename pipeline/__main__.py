@@ -37,6 +37,10 @@ def run_stages(cfg: DictConfig) -> None:
         for metatoken in job.metatokens.values():
             check_job(cfg, metatoken, start_model_path(cfg))
     progress.configure(cfg.progress)
+    if cfg.train.mode != "finetune":
+        from pipeline.pretrain import check_config
+
+        check_config(cfg)  # and the pretrain stream's settings
     for name in STAGES if cfg.stage == "all" else (cfg.stage,):
         log.info("stage %s", name)
         if name in ("generate", "train"):  # every rank works (generate: its shard; train: DDP / ZeRO)

@@ -81,7 +81,30 @@ class ExtendConfig:
 
 
 @dataclass
+class PlainTextConfig:
+    path: str = "json"  # datasets.load_dataset path: a local builder (json, text, csv, parquet) or a hub dataset id
+    name: Optional[str] = None  # the dataset's config name (hub datasets), None for local files
+    data_files: Optional[Any] = "${paths.data}/corpus/plain.jsonl"  # local file(s) or glob(s); null for hub datasets
+    split: str = "train"
+    text_field: str = "text"  # the column that holds each document's text
+    heldout_docs: int = 20  # the first N documents are never trained on; evaluate measures plain-text drift on them
+    shuffle_buffer: int = 1000  # streaming shuffle buffer (documents), reshuffled every pass
+
+
+@dataclass
+class PretrainConfig:
+    block_size: int = 256  # tokens per packed block (documents are cut across block edges, none dropped)
+    tagged_share: float = 0.5  # probability that the next document is a teacher document (else plain text)
+    tags: list[str] = field(default_factory=list)  # which tags' documents enter the mixture ([] = all the run generated)
+    tag_dropout: float = 0.0  # probability a teacher document appears without its tag (same text, untagged)
+    tag_position: str = "start"  # start: the tag where the teacher had its prompt; random: anywhere in the opening (base models)
+    plain: PlainTextConfig = field(default_factory=PlainTextConfig)
+
+
+@dataclass
 class TrainConfig:
+    mode: str = "finetune"  # finetune: distil (context, continuation) pairs; pretrain: LM loss on packed tagged + plain documents
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)  # the stream for mode=pretrain (ignored otherwise)
     objective: str = "kl"  # kl: match the teacher's recorded top-k distribution; sft: cross-entropy on its samples
     teacher: str = "recorded"  # kl targets: recorded (top-k saved by generate) | online (full distribution, computed now from the prompt cache)
     params: str = "lora"  # embedding: only the new rows; lora: LoRA adapters + new rows; full: everything

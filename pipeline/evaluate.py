@@ -175,6 +175,10 @@ def run(cfg) -> Path:
             drift[prefix + "drift_kl"] = mean_kl(base_on_base, plain_logits)
         del model
 
+    if cfg.train.mode == "pretrain":  # drift on held-out plain text, the pretrain mixture's other half
+        from pipeline.pretrain import plain_text_scores
+
+        drift.update(plain_text_scores(cfg, base_path, train_dir, tag_ids))
     trained_sets = {s for s in job.train_sets if s}
     sets = [{"tags": list(s), "in_training": s in trained_sets, "heldout_examples": len(by_set[s]), **scores[s]} for s in job.eval_sets]
     report = {
@@ -183,7 +187,7 @@ def run(cfg) -> Path:
         "model": cfg.model.name,
         "heldout_examples": len(by_set[first]),
         "scored_tokens": sum(len(r["output_ids"]) for r in by_set[first]),
-        "train": {k: cfg.train[k] for k in ("objective", "params", "teacher", "epochs", "max_steps", "lr", "embedding_lr")},
+        "train": {k: cfg.train[k] for k in ("mode", "objective", "params", "teacher", "epochs", "max_steps", "lr", "embedding_lr")},
         "metrics": {**scores[first], **drift},  # the first set (a plain run's only one), plus drift
         "sets": sets,
         "drift": drift,

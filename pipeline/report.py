@@ -213,6 +213,15 @@ def blocks(reports: list[dict], figures: dict[str, Path]) -> list[tuple]:
                  number(s["residual_kl"], 4), number(s["recovery"], 3), number(s["init_recovery"], 3), str(s["prompt_tokens_saved"])]
                 for s in r["sets"]
             ]))
+    for r in reports:
+        m = r["metrics"]
+        if "plain_drift_kl" in m:  # continued pretraining: the plain-text half of the mixture
+            out.append((
+                "p",
+                f"Held-out plain text (`{label(r)}`, {m['plain_heldout_docs']} documents, {m['plain_tokens']} tokens, never "
+                f"trained on): drift KL(base || student) **{m['plain_drift_kl']:.4f}** nats/token; NLL base "
+                f"{m['plain_nll_base']:.4f} -> student {m['plain_nll_student']:.4f} nats/token.",
+            ))
     out.append(("h2", "Plots"))
     out += [("img", *FIGURES[stem], f"{PLOTS}/{path.name}") for stem, path in figures.items()]
     if "loss" not in figures:
@@ -223,7 +232,7 @@ def blocks(reports: list[dict], figures: dict[str, Path]) -> list[tuple]:
         out.append((
             "p",
             f"Model `{r['model']}`, {r['heldout_examples']} held-out inputs, {r['scored_tokens']} scored tokens. "
-            f"Training: objective `{train.get('objective')}`, params `{train.get('params')}`, "
+            f"Training: {'continued pretraining (LM loss on packed tagged + plain documents)' if train.get('mode') == 'pretrain' else 'objective `' + str(train.get('objective')) + '`'}, params `{train.get('params')}`, "
             f"epochs {train.get('epochs')}, max_steps {train.get('max_steps')}, lr {train.get('lr')}, "
             f"embedding_lr {train.get('embedding_lr')}. Context per call: teacher "
             f"{m['teacher_context_tokens']:.0f} tokens on average, student {m['student_context_tokens']:.0f}. "

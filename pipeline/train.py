@@ -48,6 +48,11 @@ EMBEDDING_FILE = "embedding.safetensors"  # in LoRA checkpoints: the (tag rows o
 def stage_key(cfg, job: Job) -> dict:
     train_cfg = outputs.plain(cfg.train)
     train_cfg.pop("report_to", None)  # where logs go does not change the model
+    train_cfg.pop("pretrain", None)
+    if train_cfg.pop("mode", "finetune") == "pretrain":  # finetune keys stay as they were before pretrain existed
+        from pipeline.pretrain import data_key
+
+        train_cfg.update(mode="pretrain", pretrain=data_key(cfg))
     key = {
         "generate": outputs.key_hash(generate.stage_key(cfg, job)),
         "extend": outputs.key_hash(extend.stage_key(cfg, job)),
@@ -304,22 +309,32 @@ def run(cfg) -> Path:
     model, groups = prepare_trainable(model, train_cfg, tag_ids)
     model.train()
     frozen = frozen_start(model, train_cfg.params, ext_dir, cfg)
+    pretraining = train_cfg.mode == "pretrain"
     teacher = None
-    if train_cfg.teacher == "online":
-        if len(job.train_sets) != 1:
-            raise ConfigError(
-                "train.teacher=online computes one prompt's cache; this run trains several tag sets (mixture). "
-                "Fix: use train.teacher=recorded for mixtures."
-            )
-        prompt = job.teacher_prompt(job.train_sets[0], cfg.generate.teacher_mode)
-        teacher = CachedPromptTeacher(frozen, tokenizer, prompt, cfg.model.chat)
-    examples = build_examples(records, tokenizer, cfg.model.chat, teacher, job, cfg.mixture.seed)
+    if pretraining:  # a packed stream of tagged + plain documents, LM loss (pipeline/pretrain.py)
+        from pipeline import pretrain
+
+        examples, pretrain_steps = pretrain.training_stream(cfg, records, tokenizer, tag_ids)
+    else:
+        if train_cfg.teacher == "online":
+            if len(job.train_sets) != 1:
+                raise ConfigError(
+                    "train.teacher=online computes one prompt's cache; this run trains several tag sets (mixture). "
+                    "Fix: use train.teacher=recorded for mixtures."
+                )
+            prompt = job.teacher_prompt(job.train_sets[0], cfg.generate.teacher_mode)
+            teacher = CachedPromptTeacher(frozen, tokenizer, prompt, cfg.model.chat)
+        examples = build_examples(records, tokenizer, cfg.model.chat, teacher, job, cfg.mixture.seed)
+    n_examples = len(records) if pretraining else len(examples)
 
     ds_config = distributed.deepspeed_config(cfg)  # validated before any training work
     with outputs.atomic_stage_dir(out_dir, "train", stage_key(cfg, job), keep_partial=True, shared=True) as (work, manifest):
         global_batch = train_cfg.batch_size * train_cfg.grad_accum * distributed.world_size()
-        steps_per_epoch = math.ceil(len(examples) / global_batch)
-        total_steps = train_cfg.max_steps if train_cfg.max_steps > 0 else math.ceil(steps_per_epoch * train_cfg.epochs)
+        if pretraining:
+            total_steps = pretrain_steps
+        else:
+            steps_per_epoch = math.ceil(len(examples) / global_batch)
+            total_steps = train_cfg.max_steps if train_cfg.max_steps > 0 else math.ceil(steps_per_epoch * train_cfg.epochs)
         optimizer = torch.optim.AdamW(groups, weight_decay=train_cfg.weight_decay)
         scheduler = get_scheduler("cosine", optimizer, int(train_cfg.warmup_ratio * total_steps), total_steps)
         if train_cfg.report_to == "wandb":
@@ -345,17 +360,17 @@ def run(cfg) -> Path:
         )
         distributed.check_world_size(args)
         log.info("train: rank %d of world size %d (deepspeed: %s)", args.process_index, args.world_size, bool(ds_config))
-        trainer = DistillTrainer(
+        trainer = (pretrain.PretrainTrainer if pretraining else DistillTrainer)(
             model=model,
             args=args,
             train_dataset=examples,
-            data_collator=DistillCollator(tokenizer.pad_token_id),
+            data_collator=pretrain.collate_blocks if pretraining else DistillCollator(tokenizer.pad_token_id),
             optimizers=(optimizer, scheduler),
             objective=train_cfg.objective,
             tag_ids=tag_ids,
             # untagged inputs never read the tag row, so with `embedding` there is nothing to preserve
-            untagged_weight=train_cfg.untagged_weight if train_cfg.params != "embedding" else 0.0,
-            reference=frozen,
+            untagged_weight=train_cfg.untagged_weight if train_cfg.params != "embedding" and not pretraining else 0.0,
+            reference=None if pretraining else frozen,
             teacher=teacher,
         )
         progress.attach(trainer)  # the step bar also shows the loss
@@ -373,7 +388,7 @@ def run(cfg) -> Path:
         outputs.write_json(work / "train_log.json", trainer.state.log_history)
         manifest.update(
             base_extended=str(ext_dir),
-            examples=len(examples),
+            examples=n_examples,
             steps=total_steps,
             final_loss=result.training_loss,
             train_seconds=round(result.metrics.get("train_runtime", 0.0), 1),
@@ -381,5 +396,5 @@ def run(cfg) -> Path:
             deepspeed_stage=ds_config["zero_optimization"]["stage"] if ds_config else None,
         )
         shutil.rmtree(work / "checkpoints", ignore_errors=True)
-    log.info("train: %d examples, %d steps, loss %.4f -> %s", len(examples), total_steps, result.training_loss, out_dir)
+    log.info("train: %d examples, %d steps, loss %.4f -> %s", n_examples, total_steps, result.training_loss, out_dir)
     return out_dir

@@ -1,0 +1,119 @@
+"""The pretrain mode end to end on the tiny model used as a base LM, resume, and its config errors."""
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pipeline import evaluate, pretrain, train
+from pipeline.__main__ import run_stages
+from pipeline.config import PROJECT_ROOT
+from pipeline.job import job_from_config
+from pipeline.metatokens import ConfigError
+
+CORPUS = PROJECT_ROOT / "data" / "corpus" / "plain.jsonl"
+
+
+@pytest.fixture(scope="module")
+def shared_outputs(tmp_path_factory):
+    """One outputs folder for the module: the tests share the (identical) generate and extend stages."""
+    return tmp_path_factory.mktemp("pretrain-outputs")
+
+
+@pytest.fixture()
+def pretrain_cfg(tiny_cfg, shared_outputs):
+    def make(*extra):
+        return tiny_cfg(
+            f"paths.outputs={shared_outputs}",
+            "inputs.max_train=8",
+            "model.chat=false",
+            "train.mode=pretrain",
+            f"train.pretrain.plain.data_files={CORPUS}",
+            "train.pretrain.block_size=64",
+            "train.pretrain.plain.heldout_docs=4",
+            "train.max_steps=4",
+            "train.batch_size=2",
+            "train.embedding_lr=0.05",
+            *extra,
+        )
+
+    return make
+
+
+def test_pretrain_chain_on_a_base_model_reports_recovery_and_plain_drift(pretrain_cfg):
+    cfg = pretrain_cfg("train.pretrain.tag_dropout=0.2", "train.pretrain.tag_position=random")
+    run_stages(cfg)
+    job = job_from_config(cfg)
+    m = json.loads((evaluate.output_dir(cfg, job) / "report.json").read_text())["metrics"]
+    assert m["recovery"] == pytest.approx(1 - m["residual_kl"] / m["effect_kl"])
+    assert m["plain_heldout_docs"] == 4 and m["plain_tokens"] > 100
+    assert m["plain_drift_kl"] > 0  # LoRA moved the model, and the drift measure sees it
+    assert m["plain_nll_student"] > 0 and m["plain_nll_base"] > 0
+    report_md = (evaluate.output_dir(cfg, job) / "report.md").read_text()
+    assert "continued pretraining" in report_md and "Held-out plain text" in report_md
+    out = train.output_dir(cfg, job)
+    log = json.loads((out / "train_log.json").read_text())
+    assert [e["step"] for e in log if "loss" in e] == [1, 2, 3, 4]
+    assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size > 0
+    # the finetune key of the same config is a different folder (and unchanged by the pretrain knobs)
+    finetune = pretrain_cfg("train.mode=finetune")
+    assert train.output_dir(finetune, job) != out
+    assert train.output_dir(finetune, job) == train.output_dir(
+        pretrain_cfg("train.mode=finetune", "train.pretrain.tagged_share=0.9"), job
+    )
+
+
+def test_interrupted_pretraining_resumes_to_the_same_weights(pretrain_cfg, monkeypatch):
+    """Stop after the step-2 checkpoint, run again: the result equals an uninterrupted run's."""
+    overrides = ("train.params=full", "train.max_steps=4", "train.save_steps=2", "train.lr=0.01")
+    cfg = pretrain_cfg(*overrides)
+    for stage in ("generate", "extend"):
+        run_stages(pretrain_cfg(*overrides, f"stage={stage}"))
+    job = job_from_config(cfg)
+    train.run(cfg)
+    out = train.output_dir(cfg, job)
+    reference = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    shutil.rmtree(out)
+    calls = {"n": 0}
+    original = pretrain.PretrainTrainer.compute_loss
+
+    def crash_on_third_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated stop after the step-2 checkpoint")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(pretrain.PretrainTrainer, "compute_loss", crash_on_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(cfg)
+    assert (out.with_name(f".{out.name}.partial") / "checkpoints" / "checkpoint-2").is_dir()
+    monkeypatch.setattr(pretrain.PretrainTrainer, "compute_loss", original)
+    train.run(cfg)
+    resumed = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert all(torch.allclose(resumed[k], reference[k], atol=1e-6) for k in reference)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.pretrain.tag_position=random", "model.chat=true"], "tag_position=random needs model.chat=false"),
+        (["train.pretrain.plain.data_files=/nowhere/corpus.jsonl"], "no such file exists"),
+        (["train.pretrain.tagged_share=1.5"], "train.pretrain.tagged_share is 1.5"),
+        (["train.mode=pretrian"], "train.mode is 'pretrian'"),
+    ],
+)
+def test_bad_pretrain_settings_fail_before_any_model_loads(pretrain_cfg, monkeypatch, overrides, message):
+    import pipeline.models
+
+    monkeypatch.setattr(pipeline.models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(ConfigError, match=message):
+        run_stages(pretrain_cfg(*overrides))
+
+
+def test_unknown_tag_in_the_mixture_is_named(pretrain_cfg):
+    cfg = pretrain_cfg("train.pretrain.tags=['<nope>']")
+    for stage in ("generate", "extend"):
+        run_stages(pretrain_cfg("train.pretrain.tags=['<nope>']", f"stage={stage}"))
+    with pytest.raises(ConfigError, match=r"train.pretrain.tags lists \['<nope>'\]"):
+        train.run(cfg)
