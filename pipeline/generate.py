@@ -9,7 +9,11 @@ evaluation uses to measure drift and to show samples side by side.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
+import signal
 from pathlib import Path
 
 import torch
@@ -106,8 +110,13 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return sorted(set(eos) | {tokenizer.eos_token_id})
 
 
-def sample_all(model, tokenizer, contexts, gen_cfg, desc: str) -> list[dict]:
+def sample_all(model, tokenizer, contexts, gen_cfg, desc: str, shard_dir: Path | None = None) -> list[dict]:
     """Batch the contexts (longest first, to waste little padding) and sample them all.
+
+    With `shard_dir`, each finished batch is written there at once (atomically), and batches whose
+    shard exists are read back instead of sampled: a killed job restarted with the same command
+    continues where it stopped, without losing or repeating a record. The batch plan and seeds do
+    not depend on what was done before, so the result equals an uninterrupted run's.
 
     With `gen_cfg.prompt_cache`, the prefix all contexts share (the prompt) is run through the
     model once, and every batch starts from a copy of its keys and values. Under several ranks the
@@ -115,23 +124,44 @@ def sample_all(model, tokenizer, contexts, gen_cfg, desc: str) -> list[dict]:
     included, is exactly what one rank would have sampled.
     """
     prefix_len = shared_prefix_length(contexts) if gen_cfg.prompt_cache else 0
-    cache = prefix_cache(model, contexts[0][:prefix_len]) if prefix_len else None
+    cache = None  # computed on the first batch that needs sampling (none, when resuming a finished group)
     order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
+    if shard_dir is not None:
+        shard_dir.mkdir(parents=True, exist_ok=True)
     results: list[dict] = [None] * len(contexts)
     bar = tqdm(total=len(contexts), desc=desc, unit="sample", disable=not distributed.is_main())
     for batch_index, start in enumerate(range(0, len(order), gen_cfg.batch_size)):
         if not distributed.owns_batch(batch_index):  # several ranks: each samples its own batches
             continue
         chunk = order[start : start + gen_cfg.batch_size]
-        # The seed depends on the batch's first input, not on the order batches run in.
-        seed = gen_cfg.seed * 1_000_003 + chunk[0]
-        for i, r in zip(chunk, sample_with_logprobs(
-            model, tokenizer, [contexts[i] for i in chunk], gen_cfg, seed, prefix_len, cache
-        )):
+        shard = shard_dir / f"batch-{batch_index:05d}.json" if shard_dir is not None else None
+        if shard is not None and shard.is_file():
+            sampled = json.loads(shard.read_text())
+        else:
+            if prefix_len and cache is None:
+                cache = prefix_cache(model, contexts[0][:prefix_len])
+            # The seed depends on the batch's first input, not on the order batches run in.
+            seed = gen_cfg.seed * 1_000_003 + chunk[0]
+            sampled = sample_with_logprobs(model, tokenizer, [contexts[i] for i in chunk], gen_cfg, seed, prefix_len, cache)
+            if shard is not None:
+                outputs.write_json(shard, sampled)
+                _maybe_kill_for_test()
+        for i, r in zip(chunk, sampled):
             results[i] = r
         bar.update(len(chunk))
     bar.close()
     return distributed.merge_shards(results)  # by input index: the same records whatever the number of ranks
+
+
+KILL_AFTER_SHARDS_ENV = "PIPELINE_KILL_AFTER_SHARDS"  # fault injection (tests): SIGKILL after N new shards
+_shards_written = 0
+
+
+def _maybe_kill_for_test() -> None:
+    global _shards_written
+    _shards_written += 1
+    if _shards_written == int(os.environ.get(KILL_AFTER_SHARDS_ENV, "0")):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def plan(job: Job, train_rows: list[dict], heldout_rows: list[dict], seed: int) -> list[tuple[str, TagSet, list[dict]]]:
@@ -160,16 +190,22 @@ def run(cfg) -> Path:
     model = load_model(model_path, cfg.model.dtype, distributed.device(cfg.model))
     chat = cfg.model.chat
 
-    with outputs.atomic_stage_dir(out_dir, "generate", stage_key(cfg, job)) as (work, manifest):
+    # Shards live in the stage's .partial folder on every rank (each writes its own batches), so a
+    # killed job, restarted with the same command, picks up every finished batch.
+    shard_root = out_dir.with_name(f".{out_dir.name}.partial") / "shards"
+    with outputs.atomic_stage_dir(out_dir, "generate", stage_key(cfg, job), keep_partial=True) as (work, manifest):
         base = {}
         if cfg.generate.base_samples and heldout_rows:  # the model without prompt, for drift and side by side
             plain = [context_ids(tokenizer, r["text"], None, chat) for r in heldout_rows]
-            base = dict(zip((r["id"] for r in heldout_rows), sample_all(model, tokenizer, plain, cfg.generate, "base heldout")))
+            sampled = sample_all(model, tokenizer, plain, cfg.generate, "base heldout", shard_root / "base-heldout")
+            base = dict(zip((r["id"] for r in heldout_rows), sampled))
         records = []
         for split, tag_set, rows in plan(job, train_rows, heldout_rows, cfg.mixture.seed):
             prompt = job.teacher_prompt(tag_set, cfg.generate.teacher_mode)
             contexts = [context_ids(tokenizer, r["text"], prompt, chat) for r in rows]
-            teacher = sample_all(model, tokenizer, contexts, cfg.generate, f"teacher {split} {''.join(tag_set) or 'untagged'}")
+            name = "+".join(t.strip("<>") for t in tag_set) or "untagged"
+            shards = shard_root / f"{split}-{name}"
+            teacher = sample_all(model, tokenizer, contexts, cfg.generate, f"teacher {split} {name}", shards)
             for row, t in zip(rows, teacher):
                 b = base.get(row["id"]) if split == "heldout" else None
                 records.append(
@@ -184,7 +220,10 @@ def run(cfg) -> Path:
                         "base_output_ids": b["output_ids"] if b else [],
                     }
                 )
+        shutil.rmtree(work / "dataset", ignore_errors=True)  # a save cut short by a kill
         Dataset.from_list(records).save_to_disk(str(work / "dataset"))
+        if distributed.is_main():  # every rank has merged its shards by now (merge_shards is collective)
+            shutil.rmtree(shard_root, ignore_errors=True)  # the dataset holds every record
         plain_tokens = len(context_ids(tokenizer, "", None, chat))
         manifest.update(
             model_path=model_path,
