@@ -40,7 +40,7 @@ def enabled() -> bool:
 
 def tqdm(*args, **kwargs):
     """`tqdm.auto.tqdm`, switched off unless bars are enabled (a drop-in for the stages' loops)."""
-    kwargs.setdefault("disable", not enabled())
+    kwargs["disable"] = kwargs.get("disable", False) or not enabled()  # a caller's own reason to hide it still counts
     return _tqdm(*args, **kwargs)
 
 
