@@ -25,6 +25,7 @@ from pipeline import distributed, outputs
 from pipeline.data import load_inputs, split_inputs
 from pipeline.formats import context_ids
 from pipeline.job import Job, TagSet, job_from_config
+from pipeline.metatokens import ConfigError
 from pipeline.mixture import assign_sets
 from pipeline.models import load_model, load_tokenizer, start_model_path
 from pipeline.teacher import batch_cache, prefix_cache, shared_prefix_length
@@ -126,6 +127,10 @@ def sample_all(model, tokenizer, contexts, gen_cfg, desc: str, shard_dir: Path |
     prefix_len = shared_prefix_length(contexts) if gen_cfg.prompt_cache else 0
     cache = None  # computed on the first batch that needs sampling (none, when resuming a finished group)
     order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
+    if gen_cfg.backend == "vllm":  # the engine batches and caches the shared prompt itself
+        from pipeline import vllm_backend
+
+        return vllm_backend.sample_all(model, contexts, gen_cfg)
     if shard_dir is not None:
         shard_dir.mkdir(parents=True, exist_ok=True)
     results: list[dict] = [None] * len(contexts)
@@ -187,7 +192,10 @@ def run(cfg) -> Path:
     )
     model_path = start_model_path(cfg)
     tokenizer = load_tokenizer(model_path)
-    model = load_model(model_path, cfg.model.dtype, distributed.device(cfg.model))
+    if cfg.generate.backend not in ("hf", "vllm"):
+        raise ConfigError(f"generate.backend is {cfg.generate.backend!r}. Fix: use hf or vllm.")
+    # vLLM loads the model itself, from the path; the HF sampler gets the loaded model.
+    model = model_path if cfg.generate.backend == "vllm" else load_model(model_path, cfg.model.dtype, distributed.device(cfg.model))
     chat = cfg.model.chat
 
     # Shards live in the stage's .partial folder on every rank (each writes its own batches), so a

@@ -1,0 +1,61 @@
+"""The vLLM backend's translation to our records, and its wiring, against a stand-in for the engine.
+
+vLLM itself needs a GPU and is not installed here; these tests check everything on our side of the
+engine's API (what we ask for, how its completions become records) with a fake `vllm` module.
+"""
+import sys
+import types
+from types import SimpleNamespace as NS
+
+from datasets import load_from_disk
+
+from pipeline import generate, vllm_backend
+from pipeline.__main__ import run_stages
+from pipeline.job import job_from_config
+
+
+def completion(token_ids, steps):
+    return NS(token_ids=token_ids, logprobs=[{t: NS(logprob=lp, rank=None) for t, lp in s.items()} for s in steps])
+
+
+def test_record_keeps_the_k_most_likely_best_first():
+    # step 2: the sampled token 9 is outside the top-2 and comes as an extra entry
+    done = completion([5, 9], [{5: -0.1, 7: -2.5, 3: -4.0}, {9: -6.0, 1: -0.5, 2: -1.0}])
+    record = vllm_backend.record_from_completion(done, k=2)
+    assert record == {"output_ids": [5, 9], "topk_ids": [[5, 7], [1, 2]], "topk_logprobs": [[-0.1, -2.5], [-0.5, -1.0]]}
+
+
+def fake_vllm(calls: list):
+    module = types.ModuleType("vllm")
+    inputs = types.ModuleType("vllm.inputs")
+
+    class LLM:
+        def __init__(self, **kwargs):
+            calls.append(("engine", kwargs))
+
+        def generate(self, prompts, params):
+            calls.append(("generate", len(prompts), params))
+            return [NS(outputs=[completion([11, 12], [{11: -0.2, 4: -1.9}, {12: -0.3, 4: -1.5}])]) for _ in prompts]
+
+    module.LLM = LLM
+    module.SamplingParams = lambda **kw: kw
+    inputs.TokensPrompt = lambda prompt_token_ids: {"prompt_token_ids": prompt_token_ids}
+    module.inputs = inputs
+    return module, inputs
+
+
+def test_generate_with_backend_vllm_writes_the_usual_dataset(tiny_cfg, monkeypatch):
+    calls = []
+    module, inputs = fake_vllm(calls)
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
+    vllm_backend.engine.cache_clear()
+    cfg = tiny_cfg("stage=generate", "generate.backend=vllm", "generate.logprobs_top_k=2")
+    run_stages(cfg)
+    rows = load_from_disk(str(generate.output_dir(cfg, job_from_config(cfg)) / "dataset")).to_list()
+    assert rows and all(r["output_ids"] == [11, 12] and r["topk_ids"] == [[11, 4], [12, 4]] for r in rows)
+    engine_kwargs = next(c[1] for c in calls if c[0] == "engine")
+    assert engine_kwargs["enable_prefix_caching"] and engine_kwargs["logprobs_mode"] == "raw_logprobs"
+    params = next(c[2] for c in calls if c[0] == "generate")
+    assert params["logprobs"] == 2 and params["max_tokens"] == cfg.generate.max_new_tokens
+    vllm_backend.engine.cache_clear()
