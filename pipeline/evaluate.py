@@ -40,6 +40,7 @@ def output_dir(cfg, job: Job) -> Path:
     return outputs.stage_dir(cfg.paths.outputs, "evaluate", job.label, stage_key(cfg, job))
 
 
+@torch.no_grad()
 def continuation_logits(
     model, contexts, continuations, pad_id, batch_size: int, desc: str, tag_ids: list[int] = ()
 ) -> list[torch.Tensor]:

@@ -125,3 +125,13 @@ def test_online_teacher_trains_end_to_end(tiny_cfg):
     run_stages(cfg)
     m = json.loads((evaluate.output_dir(cfg, job_from_config(cfg)) / "report.json").read_text())["metrics"]
     assert m["residual_kl"] < m["init_residual_kl"]
+
+
+def test_scoring_builds_no_autograd_graph(tiny):
+    """Evaluation scores thousands of positions; holding their graphs once ran a real run out of memory."""
+    from pipeline.evaluate import continuation_logits
+
+    model, tok = tiny
+    ctx = [context_ids(tok, "How do I boil an egg?", KIND.prompt, chat=True)]
+    logits = continuation_logits(model, ctx, [[5, 6, 7]], tok.pad_token_id, 1, "x")
+    assert not logits[0].requires_grad and logits[0].grad_fn is None
