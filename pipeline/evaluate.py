@@ -99,17 +99,11 @@ def sample_student(student, tok, contexts, gen_cfg, eval_cfg) -> list[str]:
 def run(cfg) -> Path:
     job = job_from_config(cfg)
     out_dir = output_dir(cfg, job)
-    if outputs.is_complete(out_dir) and not cfg.force:
-        log.info("evaluate: %s is complete, nothing to do", out_dir)
+    if outputs.already_done(out_dir, cfg.force, "evaluate"):
         print((out_dir / "report.md").read_text())
         return out_dir
     gen_dir, ext_dir, train_dir = generate.output_dir(cfg, job), extend.output_dir(cfg, job), train.output_dir(cfg, job)
-    for stage, d in (("generate", gen_dir), ("extend", ext_dir), ("train", train_dir)):
-        if not outputs.is_complete(d):
-            raise FileNotFoundError(
-                f"evaluate needs the {stage} output {d}. Fix: run `python -m pipeline stage={stage}` with the same "
-                f"config first (or stage=all)."
-            )
+    outputs.require({"generate": gen_dir, "extend": ext_dir, "train": train_dir}, by="evaluate")
     heldout = list(load_from_disk(str(gen_dir / "dataset")).filter(lambda r: r["split"] == "heldout"))
     by_set = {s: [r for r in heldout if tuple(r["tags"]) == s][: cfg.evaluate.max_examples] for s in job.eval_sets}
     if not all(by_set.values()):

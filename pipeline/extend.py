@@ -108,8 +108,7 @@ def run(cfg) -> Path:
     job = job_from_config(cfg)
     metatokens = list(job.metatokens.values())
     out_dir = output_dir(cfg, job)
-    if outputs.is_complete(out_dir) and not cfg.force:
-        log.info("extend: %s is complete, nothing to do", out_dir)
+    if outputs.already_done(out_dir, cfg.force, "extend"):
         return out_dir
     if cfg.extend.init not in INIT_RULES:
         raise ConfigError(f"extend.init is {cfg.extend.init!r}. Fix: use one of {', '.join(INIT_RULES)}.")

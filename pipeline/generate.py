@@ -184,8 +184,7 @@ def plan(job: Job, train_rows: list[dict], heldout_rows: list[dict], seed: int) 
 def run(cfg) -> Path:
     job = job_from_config(cfg)
     out_dir = output_dir(cfg, job)
-    if outputs.is_complete(out_dir) and not cfg.force:
-        log.info("generate: %s is complete, nothing to do", out_dir)
+    if outputs.already_done(out_dir, cfg.force, "generate"):
         return out_dir
     train_rows, heldout_rows = split_inputs(
         load_inputs(cfg.inputs.file), cfg.inputs.heldout_fraction, cfg.inputs.max_train, cfg.inputs.max_heldout

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -50,6 +51,24 @@ def stage_dir(outputs: str | Path, stage: str, label: str, key: dict) -> Path:
 
 def is_complete(out_dir: Path) -> bool:
     return (out_dir / MANIFEST).is_file()
+
+
+def already_done(out_dir: Path, force: bool, stage: str) -> bool:
+    """A finished folder for this exact config exists: the stage has nothing to do (unless forced)."""
+    if is_complete(out_dir) and not force:
+        logging.getLogger(f"pipeline.{stage}").info("%s: %s is complete, nothing to do", stage, out_dir)
+        return True
+    return False
+
+
+def require(needed: dict[str, Path], by: str) -> None:
+    """Fail with the command to run when an upstream stage's output for this config is missing."""
+    for stage, folder in needed.items():
+        if not is_complete(folder):
+            raise FileNotFoundError(
+                f"{by} needs the {stage} output {folder}. Fix: run `python -m pipeline stage={stage}` with the same "
+                f"config first (or stage=all)."
+            )
 
 
 def read_manifest(out_dir: Path) -> dict:

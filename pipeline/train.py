@@ -289,8 +289,7 @@ def save_student(model, tokenizer, out: Path, merge_lora: bool, tag_ids: list[in
 def run(cfg) -> Path:
     job = job_from_config(cfg)
     out_dir = output_dir(cfg, job)
-    if outputs.is_complete(out_dir) and not cfg.force:
-        log.info("train: %s is complete, nothing to do", out_dir)
+    if outputs.already_done(out_dir, cfg.force, "train"):
         return out_dir
     train_cfg = cfg.train
     if train_cfg.teacher not in TEACHERS:
@@ -298,9 +297,7 @@ def run(cfg) -> Path:
     if train_cfg.objective not in OBJECTIVES:
         raise ConfigError(f"train.objective is {train_cfg.objective!r}. Fix: use one of {', '.join(OBJECTIVES)}.")
     gen_dir, ext_dir = generate.output_dir(cfg, job), extend.output_dir(cfg, job)
-    for stage, d in (("generate", gen_dir), ("extend", ext_dir)):
-        if not outputs.is_complete(d):
-            raise FileNotFoundError(f"train needs the {stage} output {d}. Fix: run `python -m pipeline stage={stage}` with the same config first (or stage=all).")
+    outputs.require({"generate": gen_dir, "extend": ext_dir}, by="train")
     records = load_from_disk(str(gen_dir / "dataset")).filter(lambda r: r["split"] == "train")
     tokenizer = load_tokenizer(str(ext_dir))
     model = load_model(str(ext_dir), cfg.model.dtype, "cpu")
