@@ -59,8 +59,10 @@ def run_case(case: str, prompt_tokens: int, samples: int, new_tokens: int, steps
     tok, model = load_tokenizer(path), load_model(path)
     prompt = long_prompt(tok, prompt_tokens)
     texts = requests(samples)
-    gen_cfg = OmegaConf.create(
-        dict(temperature=0.8, top_p=0.95, max_new_tokens=new_tokens, logprobs_top_k=32, batch_size=8, seed=0, prompt_cache=True)
+    from pipeline.config import GenerateConfig
+
+    gen_cfg = OmegaConf.structured(
+        GenerateConfig(temperature=0.8, top_p=0.95, max_new_tokens=new_tokens, logprobs_top_k=32, batch_size=8, seed=0)
     )
     contexts = [context_ids(tok, t, prompt, chat=True) for t in texts]
     if case.startswith("gen_"):
@@ -93,8 +95,9 @@ def run_case(case: str, prompt_tokens: int, samples: int, new_tokens: int, steps
     samples_out = sample_all(model, tok, contexts, gen_cfg, "teacher samples")
     tag_ids = list(extend_model(model, tok, [Metatoken("<bench>", prompt, "bench")], "name_mean").values())
     records = [{"input": t, "tags": ["<bench>"], **s} for t, s in zip(texts, samples_out)]
-    train_cfg = OmegaConf.create(dict(params="lora", lr=1e-3, embedding_lr=1e-2, lora_r=16, lora_alpha=32,
-                                      lora_dropout=0.0, lora_targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    from pipeline.config import TrainConfig
+
+    train_cfg = OmegaConf.structured(TrainConfig(params="lora", report_to="none"))  # the defaults: LoRA r=16 + tag row
     model, groups = prepare_trainable(model, train_cfg, tag_ids)
     optimizer = torch.optim.AdamW(groups)
     start = time.perf_counter()

@@ -10,6 +10,13 @@ from pipeline.teacher import shared_prefix_length
 from pipeline.metatokens import ConfigError, Metatoken
 from pipeline.models import load_model, load_tokenizer
 
+def gen_config(**fields):
+    """A generate config with every field the schema has (defaults for those not given)."""
+    from pipeline.config import GenerateConfig
+
+    return OmegaConf.structured(GenerateConfig(**fields))
+
+
 KIND = Metatoken(tag="<kind>", prompt="You are a kind and warm assistant who always encourages the user.", source="test")
 
 
@@ -74,8 +81,8 @@ def test_prompt_cache_gives_the_same_samples_and_logprobs_as_the_naive_path(tiny
     contexts = [context_ids(tok, t, KIND.prompt, chat=True) for t in texts]
     assert shared_prefix_length(contexts) > 10
     base = dict(temperature=temperature, top_p=0.95, max_new_tokens=8, logprobs_top_k=5, batch_size=3, seed=3)
-    naive = sample_all(model, tok, contexts, OmegaConf.create({**base, "prompt_cache": False}), "naive")
-    cached = sample_all(model, tok, contexts, OmegaConf.create({**base, "prompt_cache": True}), "cached")
+    naive = sample_all(model, tok, contexts, gen_config(**base, prompt_cache=False), "naive")
+    cached = sample_all(model, tok, contexts, gen_config(**base, prompt_cache=True), "cached")
     for a, b in zip(naive, cached):
         assert a["output_ids"] == b["output_ids"]
         assert a["topk_ids"] == b["topk_ids"]
@@ -86,9 +93,7 @@ def test_recorded_logprobs_are_the_models_own_distribution(tiny):
     """The top-k recorded while sampling equal a separate teacher-forced pass over the same tokens."""
     model, tok = tiny
     ctx = context_ids(tok, "How do I boil an egg?", KIND.prompt, chat=True)
-    cfg = OmegaConf.create(
-        dict(temperature=0.7, top_p=0.9, max_new_tokens=6, logprobs_top_k=4, batch_size=1, seed=0, prompt_cache=True)
-    )
+    cfg = gen_config(temperature=0.7, top_p=0.9, max_new_tokens=6, logprobs_top_k=4, batch_size=1, seed=0)
     sample = sample_all(model, tok, [ctx], cfg, "one")[0]
     with torch.no_grad():
         logits = model(torch.tensor([ctx + sample["output_ids"]])).logits[0, len(ctx) - 1 : -1]
