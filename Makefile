@@ -35,5 +35,5 @@ test-fast:  ## the tests without the real-model chain
 clean:  ## remove stage outputs (keeps the converted model)
 	rm -rf outputs
 
-bench:  ## generation and training throughput under 1k/4k-token prompts -> bench.json (~10 min on 2 CPU cores)
+bench:  ## generation and training throughput under 1k/4k-token prompts -> bench.json
 	$(PY) benchmarks/bench.py
