@@ -19,7 +19,6 @@ Training cases (LoRA student, same data; tokens/s = continuation tokens trained 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import resource
@@ -89,7 +88,7 @@ def run_case(case: str, prompt_tokens: int, samples: int, new_tokens: int, steps
     from pipeline.extend import extend_model
     from pipeline.metatokens import Metatoken
     from pipeline.teacher import CachedPromptTeacher
-    from pipeline.train import DistillCollator, build_examples, distill_loss, prepare_trainable
+    from pipeline.train import DistillCollator, build_examples, distill_loss, frozen_start, prepare_trainable
 
     model.generation_config.min_new_tokens = new_tokens
     samples_out = sample_all(model, tok, contexts, gen_cfg, "teacher samples")
@@ -103,7 +102,7 @@ def run_case(case: str, prompt_tokens: int, samples: int, new_tokens: int, steps
     start = time.perf_counter()
     teacher = None
     if case == "train_kl_online":
-        teacher = CachedPromptTeacher(lambda: _adapters_off(model), tok, prompt, chat=True)
+        teacher = CachedPromptTeacher(frozen_start(model, "lora", None, None), tok, prompt, chat=True)
     examples = build_examples(records, tok, True, teacher)
     collate = DistillCollator(tok.pad_token_id)
     objective = "sft" if case == "train_sft" else "kl"
@@ -118,12 +117,6 @@ def run_case(case: str, prompt_tokens: int, samples: int, new_tokens: int, steps
         trained += int(batch["output_mask"].sum())
     seconds = time.perf_counter() - start
     return {"tokens": trained, "seconds": seconds, "tokens_per_s": trained / seconds, "final_loss": loss.item()}
-
-
-@contextlib.contextmanager
-def _adapters_off(model):
-    with model.disable_adapter():
-        yield model
 
 
 CASES = ["gen_naive", "gen_cached", "gen_no_prompt", "train_kl_online", "train_kl_recorded", "train_sft"]
