@@ -108,6 +108,7 @@ class TrainConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)  # the stream for mode=pretrain (ignored otherwise)
     objective: str = "kl"  # kl: match the teacher's recorded top-k distribution; sft: cross-entropy on its samples
     teacher: str = "recorded"  # kl targets: recorded (top-k saved by generate) | online (full distribution, computed now from the prompt cache)
+    teacher_memo_mb: float = 2048  # online: keep each example's teacher logits (it is frozen) up to this many MB, so later epochs skip the teacher; 0 = recompute
     params: str = "lora"  # embedding: only the new rows; lora: LoRA adapters + new rows; full: everything
     epochs: float = 3.0
     max_steps: int = -1  # > 0 overrides epochs

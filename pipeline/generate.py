@@ -9,6 +9,7 @@ evaluation uses to measure drift and to show samples side by side.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from pipeline.job import Job, TagSet, job_from_config
 from pipeline.metatokens import ConfigError
 from pipeline.mixture import assign_sets
 from pipeline.models import load_model, load_tokenizer, start_model_path
-from pipeline.teacher import batch_cache, prefix_cache, shared_prefix_length
+from pipeline.teacher import prompt_kv, reading_prompt, shared_prefix_length
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +50,19 @@ def output_dir(cfg, job: Job) -> Path:
 
 @torch.no_grad()
 def sample_with_logprobs(
-    model, tokenizer, contexts: list[list[int]], gen_cfg, seed: int, prefix_len: int = 0, cache=None
+    model, tokenizer, contexts: list[list[int]], gen_cfg, seed: int, prompt=None
 ) -> list[dict]:
     """Sample one continuation per context and keep the top-k log-probs at every generated position.
 
-    The first `prefix_len` tokens, the same in every context, are read from `cache` (the prompt's
-    keys and values) instead of being computed again. The rest of each context is left-padded
+    With `prompt` (a `teacher.PromptKV`), the first `len(prompt)` tokens, the same in every context,
+    are read from its keys and values instead of being computed again. The rest of each context is left-padded
     after that prefix; padding is masked and position ids skip it, so every row sees exactly its
     own context. A continuation ends at (and includes) the first EOS, so the student also learns
     where the teacher stops.
     """
     device = model.device
     pad_id = tokenizer.pad_token_id
+    prefix_len = len(prompt) if prompt is not None else 0
     suffixes = [c[prefix_len:] for c in contexts]
     width = max(len(s) for s in suffixes)
     length = prefix_len + width
@@ -71,21 +73,22 @@ def sample_with_logprobs(
         attention_mask[b, :prefix_len] = 1
         input_ids[b, length - len(suffix) :] = torch.tensor(suffix)
         attention_mask[b, length - len(suffix) :] = 1
-    past = batch_cache(cache, len(contexts)) if prefix_len else None
+    reading = reading_prompt(model, prompt, len(contexts)) if prefix_len else contextlib.nullcontext(None)
     torch.manual_seed(seed)
-    generated = model.generate(
-        input_ids=input_ids.to(device),
-        attention_mask=attention_mask.to(device),
-        past_key_values=past,
-        do_sample=True,
-        temperature=gen_cfg.temperature,
-        top_p=gen_cfg.top_p,
-        top_k=0,
-        max_new_tokens=gen_cfg.max_new_tokens,
-        pad_token_id=pad_id,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
+    with reading as past:
+        generated = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            past_key_values=past,
+            do_sample=True,
+            temperature=gen_cfg.temperature,
+            top_p=gen_cfg.top_p,
+            top_k=0,
+            max_new_tokens=gen_cfg.max_new_tokens,
+            pad_token_id=pad_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
     new_tokens = generated.sequences[:, length:].cpu()
     # Raw logits (before temperature / top-p), so the recorded distribution is the model's own.
     logprobs = torch.log_softmax(torch.stack(generated.logits, dim=1).float(), dim=-1).cpu()
@@ -120,12 +123,12 @@ def sample_all(model, tokenizer, contexts, gen_cfg, desc: str, shard_dir: Path |
     not depend on what was done before, so the result equals an uninterrupted run's.
 
     With `gen_cfg.prompt_cache`, the prefix all contexts share (the prompt) is run through the
-    model once, and every batch starts from a copy of its keys and values. Under several ranks the
+    model once, and every batch reads its keys and values (shared, not copied: see teacher.py). Under several ranks the
     batches (planned the same way on every rank) are dealt round-robin, so each batch, its seed
     included, is exactly what one rank would have sampled.
     """
     prefix_len = shared_prefix_length(contexts) if gen_cfg.prompt_cache else 0
-    cache = None  # computed on the first batch that needs sampling (none, when resuming a finished group)
+    prompt = None  # computed on the first batch that needs sampling (none, when resuming a finished group)
     order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
     if gen_cfg.backend == "vllm":  # the engine batches and caches the shared prompt itself
         from pipeline import vllm_backend
@@ -143,11 +146,11 @@ def sample_all(model, tokenizer, contexts, gen_cfg, desc: str, shard_dir: Path |
         if shard is not None and shard.is_file():
             sampled = json.loads(shard.read_text())
         else:
-            if prefix_len and cache is None:
-                cache = prefix_cache(model, contexts[0][:prefix_len])
+            if prefix_len and prompt is None:
+                prompt = prompt_kv(model, contexts[0][:prefix_len])
             # The seed depends on the batch's first input, not on the order batches run in.
             seed = gen_cfg.seed * 1_000_003 + chunk[0]
-            sampled = sample_with_logprobs(model, tokenizer, [contexts[i] for i in chunk], gen_cfg, seed, prefix_len, cache)
+            sampled = sample_with_logprobs(model, tokenizer, [contexts[i] for i in chunk], gen_cfg, seed, prompt)
             if shard is not None:
                 outputs.write_json(shard, sampled)
                 _maybe_kill_for_test()

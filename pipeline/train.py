@@ -48,6 +48,7 @@ EMBEDDING_FILE = "embedding.safetensors"  # in LoRA checkpoints: the (tag rows o
 def stage_key(cfg, job: Job) -> dict:
     train_cfg = outputs.plain(cfg.train)
     train_cfg.pop("report_to", None)  # where logs go does not change the model
+    train_cfg.pop("teacher_memo_mb", None)  # nor does keeping teacher logits instead of recomputing them
     train_cfg.pop("pretrain", None)
     if train_cfg.pop("mode", "finetune") == "pretrain":  # finetune keys stay as they were before pretrain existed
         from pipeline.pretrain import data_key
@@ -320,7 +321,7 @@ def run(cfg) -> Path:
                     "Fix: use train.teacher=recorded for mixtures."
                 )
             prompt = job.teacher_prompt(job.train_sets[0], cfg.generate.teacher_mode)
-            teacher = CachedPromptTeacher(frozen, tokenizer, prompt, cfg.model.chat)
+            teacher = CachedPromptTeacher(frozen, tokenizer, prompt, cfg.model.chat, train_cfg.teacher_memo_mb)
         examples = build_examples(records, tokenizer, cfg.model.chat, teacher, job, cfg.mixture.seed)
     n_examples = len(records) if pretraining else len(examples)
 

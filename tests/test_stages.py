@@ -110,7 +110,7 @@ def test_cached_prompt_teacher_matches_reading_the_whole_prompt(tiny):
 
     model, tok = tiny
     teacher = CachedPromptTeacher(lambda: contextlib.nullcontext(model), tok, KIND.prompt, chat=True)
-    assert len(teacher.prefix) > 10
+    assert len(teacher.prompt_kv) > 10
     texts = ["How do I boil an egg?", "Write a two line poem about autumn leaves please."]
     outs = [[5, 6, 7, 8], [9, 10]]
     cached = teacher.continuation_logits([teacher.suffix_ids(t) for t in texts], outs)
