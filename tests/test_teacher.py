@@ -28,7 +28,7 @@ def reference_attention(query, prompt_keys, prompt_values, keys, values, mask, s
     return out.transpose(1, 2)
 
 
-@pytest.mark.parametrize("heads,kv_heads,q,s", [(6, 2, 1, 5), (6, 2, 4, 4), (4, 4, 3, 7), (9, 3, 1, 1)])
+@pytest.mark.parametrize("heads,kv_heads,q,s", [(6, 2, 1, 5), (6, 2, 4, 4), (4, 4, 3, 7), (9, 3, 1, 1), (6, 2, 16, 16), (6, 2, 17, 20)])
 @pytest.mark.parametrize("padded", [False, True])
 def test_shared_prompt_attention_equals_sdpa_over_the_copied_prompt(heads, kv_heads, q, s, padded):
     torch.manual_seed(0)
