@@ -72,6 +72,7 @@ class GenerateConfig:
     teacher_mode: str = "expand"  # nested tags: expand (base model reads the fully expanded prompt) | bootstrap
     bootstrap_model: Optional[str] = None  # bootstrap: a trained output that knows the inner tags (teacher and student start)
     backend: str = "hf"  # hf: this project's sampler (prompt cache, shards, ranks) | vllm: the vLLM engine (GPU; pip install vllm)
+    vllm_shard_size: int = 1024  # vllm: inputs per engine call; each call's records are one shard (a killed job resumes)
     prompt_cache: bool = True  # compute the shared prompt's keys/values once and reuse them for every batch
     base_samples: bool = True  # also sample the model without prompt on held-out inputs (for drift + side-by-side)
 

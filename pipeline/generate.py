@@ -40,8 +40,15 @@ def stage_key(cfg, job: Job) -> dict:
         "job": job.key(),
         "mixture_seed": cfg.mixture.seed,
         "inputs": {**outputs.plain(cfg.inputs), "file": outputs.file_sha(cfg.inputs.file)},
-        "generate": outputs.plain(cfg.generate),
+        "generate": generate_key(cfg.generate),
     }
+
+
+def generate_key(gen_cfg) -> dict:
+    key = outputs.plain(gen_cfg)
+    if key.get("backend") == "hf":  # how vLLM calls are sharded does not touch the HF sampler's records
+        key.pop("vllm_shard_size", None)
+    return key
 
 
 def output_dir(cfg, job: Job) -> Path:
@@ -117,6 +124,7 @@ def _eos_ids(model, tokenizer) -> list[int]:
 def sample_all(model, tokenizer, contexts, gen_cfg, desc: str, shard_dir: Path | None = None) -> list[dict]:
     """Batch the contexts (longest first, to waste little padding) and sample them all.
 
+    With `gen_cfg.backend=vllm`, a "batch" is one engine call of `gen_cfg.vllm_shard_size` inputs.
     With `shard_dir`, each finished batch is written there at once (atomically), and batches whose
     shard exists are read back instead of sampled: a killed job restarted with the same command
     continues where it stopped, without losing or repeating a record. The batch plan and seeds do
@@ -130,27 +138,30 @@ def sample_all(model, tokenizer, contexts, gen_cfg, desc: str, shard_dir: Path |
     prefix_len = shared_prefix_length(contexts) if gen_cfg.prompt_cache else 0
     prompt = None  # computed on the first batch that needs sampling (none, when resuming a finished group)
     order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
-    if gen_cfg.backend == "vllm":  # the engine batches and caches the shared prompt itself
+    vllm = gen_cfg.backend == "vllm"  # the engine batches and caches the shared prompt itself; we shard its calls
+    size = gen_cfg.vllm_shard_size if vllm else gen_cfg.batch_size
+    if vllm:
         from pipeline import vllm_backend
-
-        return vllm_backend.sample_all(model, contexts, gen_cfg)
     if shard_dir is not None:
         shard_dir.mkdir(parents=True, exist_ok=True)
     results: list[dict] = [None] * len(contexts)
     bar = tqdm(total=len(contexts), desc=desc, unit="sample", disable=not distributed.is_main())
-    for batch_index, start in enumerate(range(0, len(order), gen_cfg.batch_size)):
+    for batch_index, start in enumerate(range(0, len(order), size)):
         if not distributed.owns_batch(batch_index):  # several ranks: each samples its own batches
             continue
-        chunk = order[start : start + gen_cfg.batch_size]
+        chunk = order[start : start + size]
         shard = shard_dir / f"batch-{batch_index:05d}.json" if shard_dir is not None else None
         if shard is not None and shard.is_file():
             sampled = json.loads(shard.read_text())
         else:
-            if prefix_len and prompt is None:
-                prompt = prompt_kv(model, contexts[0][:prefix_len])
             # The seed depends on the batch's first input, not on the order batches run in.
             seed = gen_cfg.seed * 1_000_003 + chunk[0]
-            sampled = sample_with_logprobs(model, tokenizer, [contexts[i] for i in chunk], gen_cfg, seed, prompt)
+            if vllm:  # `model` is the model's path: vLLM loads it itself
+                sampled = vllm_backend.sample_all(model, [contexts[i] for i in chunk], gen_cfg, seed)
+            else:
+                if prefix_len and prompt is None:
+                    prompt = prompt_kv(model, contexts[0][:prefix_len])
+                sampled = sample_with_logprobs(model, tokenizer, [contexts[i] for i in chunk], gen_cfg, seed, prompt)
             if shard is not None:
                 outputs.write_json(shard, sampled)
                 _maybe_kill_for_test()

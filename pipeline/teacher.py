@@ -2,13 +2,13 @@
 
 Every teacher context starts with the same prompt tokens. They are run through the model once
 (`PromptKV`); after that only what differs (the input, and during training the continuation) is
-fed. The prompt's keys and values are then *shared*, not copied: every row of every batch attends
-to the one batch-1 copy through `prompt_attention`, an attention function registered with
-transformers' `AttentionInterface`, while a `PromptSuffixCache` holds each row's own keys. So a
-batch of B rows reads the prompt's keys once per layer instead of B times (x the query heads per
-key head, which the stock GQA path repeats), and nothing of the prompt's size is copied per batch
-or per decoding step. Used by `generate` (sampling) and by `train.teacher=online` (teacher
-distributions computed during training instead of read from disk).
+fed, through `reading_prompt`: the model's attention switches to `prompt_attention` (registered
+with transformers' `AttentionInterface`), which attends to the one batch-1 copy of the prompt's
+keys and values, while a `PromptSuffixCache` holds each row's own keys. While decoding, a batch
+of B rows then reads the prompt's keys once per step instead of B times (times the query heads
+per key head, which the stock GQA path repeats), and nothing of the prompt's size is copied per
+batch or per step. Used by `generate` (sampling) and by `train.teacher=online` (teacher
+distributions computed during training instead of read from disk, kept per example).
 
 Models whose attention is not plain scaled dot-product (sliding windows, logit soft-capping) fall
 back to a per-batch copy of an ordinary cache: same results, less speed.

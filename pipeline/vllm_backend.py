@@ -33,8 +33,9 @@ def record_from_completion(completion, k: int) -> dict:
     return {"output_ids": list(completion.token_ids), "topk_ids": topk_ids, "topk_logprobs": topk_logprobs}
 
 
-def sample_all(model_path: str, contexts: list[list[int]], gen_cfg, dtype: str = "float32") -> list[dict]:
-    """Sample every context with vLLM (it batches and caches the shared prompt itself)."""
+def sample_all(model_path: str, contexts: list[list[int]], gen_cfg, seed: int, dtype: str = "float32") -> list[dict]:
+    """Sample every context with vLLM in one engine call (it batches and caches the shared prompt
+    itself). `generate.sample_all` calls this once per shard, so a killed job resumes."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -43,7 +44,7 @@ def sample_all(model_path: str, contexts: list[list[int]], gen_cfg, dtype: str =
         top_p=gen_cfg.top_p,
         max_tokens=gen_cfg.max_new_tokens,
         logprobs=gen_cfg.logprobs_top_k,
-        seed=gen_cfg.seed,
+        seed=seed,
     )
     results = engine(model_path, dtype).generate([TokensPrompt(prompt_token_ids=c) for c in contexts], params)
     return [record_from_completion(r.outputs[0], gen_cfg.logprobs_top_k) for r in results]

@@ -59,3 +59,28 @@ def test_generate_with_backend_vllm_writes_the_usual_dataset(tiny_cfg, monkeypat
     params = next(c[2] for c in calls if c[0] == "generate")
     assert params["logprobs"] == 2 and params["max_tokens"] == cfg.generate.max_new_tokens
     vllm_backend.engine.cache_clear()
+
+
+def test_vllm_calls_are_sharded_and_a_restart_samples_only_the_missing_shard(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from pipeline.config import GenerateConfig
+
+    calls = []
+    module, inputs = fake_vllm(calls)
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
+    vllm_backend.engine.cache_clear()
+    cfg = OmegaConf.structured(GenerateConfig(backend="vllm", vllm_shard_size=2, logprobs_top_k=2))
+    contexts = [[1, 2, 3], [1, 2], [4], [5, 6], [7]]
+    first = generate.sample_all("model-dir", None, contexts, cfg, "x", tmp_path)
+    assert [c[1] for c in calls if c[0] == "generate"] == [2, 2, 1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["batch-00000.json", "batch-00001.json", "batch-00002.json"]
+    seeds = [c[2]["seed"] for c in calls if c[0] == "generate"]
+    assert len(set(seeds)) == 3  # each shard its own seed, fixed by its first input
+    (tmp_path / "batch-00001.json").unlink()  # as if killed while sampling the second shard
+    calls.clear()
+    again = generate.sample_all("model-dir", None, contexts, cfg, "x", tmp_path)
+    assert [(c[1], c[2]["seed"]) for c in calls if c[0] == "generate"] == [(2, seeds[1])]
+    assert again == first
+    vllm_backend.engine.cache_clear()
