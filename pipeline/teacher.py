@@ -56,11 +56,11 @@ def shared_prompt_attention(query, prompt_keys, prompt_values, keys, values, mas
     first step of a batch) the one-off copy is cheap next to the scores, and SDPA's fused kernel
     computes them faster than a hand-written softmax.
     """
-    if query.shape[2] < MANY_QUERIES:
-        return _attention_by_hand(query, prompt_keys, prompt_values, keys, values, mask, scaling)
     b, q, s = query.shape[0], query.shape[2], keys.shape[2]
-    if mask is None:
+    if mask is None:  # causal over the rows' own keys, no padding
         mask = torch.ones(q, s, dtype=torch.bool, device=query.device).tril(s - q)[None, None]
+    if q < MANY_QUERIES:
+        return _attention_by_hand(query, prompt_keys, prompt_values, keys, values, mask, scaling)
     prompt_visible = torch.ones(*mask.shape[:-1], prompt_keys.shape[2], dtype=torch.bool, device=mask.device)
     out = F.scaled_dot_product_attention(
         query,
@@ -74,7 +74,7 @@ def shared_prompt_attention(query, prompt_keys, prompt_values, keys, values, mas
 
 
 def _attention_by_hand(query, prompt_keys, prompt_values, keys, values, mask, scaling: float) -> torch.Tensor:
-    """Few queries per row (decoding): scores by hand, the prompt's keys read once for all rows."""
+    """Few queries per row (decoding): scores by hand, the prompt's keys read once for all rows (mask given)."""
     b, h, q, d = query.shape
     h_kv, p, s = keys.shape[1], prompt_keys.shape[2], keys.shape[2]
     g = h // h_kv  # query heads per key/value head (grouped-query attention): query head j reads key head j // g
@@ -84,10 +84,8 @@ def _attention_by_hand(query, prompt_keys, prompt_values, keys, values, mask, sc
     rows = grouped.transpose(0, 1).reshape(h_kv, b * g * q, d)
     prompt_scores = torch.matmul(rows, prompt_keys[0].transpose(1, 2))  # [Hkv, BGq, P]
     own_scores = torch.matmul(grouped, keys.transpose(2, 3))  # [B, Hkv, Gq, S]
-    if mask is not None:  # [B, 1, q, S] -> the same [B, 1, Gq, S] rows
-        own_scores = own_scores.masked_fill(~mask.unsqueeze(2).expand(-1, -1, g, -1, -1).reshape(-1, 1, g * q, s), float("-inf"))
-    else:  # causal over the rows' own keys, no padding
-        own_scores = own_scores.masked_fill(~torch.ones(q, s, dtype=torch.bool, device=query.device).tril(s - q).repeat(g, 1), float("-inf"))
+    own_mask = mask.unsqueeze(2).expand(-1, -1, g, -1, -1).reshape(-1, 1, g * q, s)  # [B, 1, q, S] -> [B, 1, Gq, S]
+    own_scores = own_scores.masked_fill(~own_mask, float("-inf"))
     own_scores = own_scores.transpose(0, 1).reshape(h_kv, b * g * q, s)
     weights = torch.softmax(torch.cat([prompt_scores, own_scores], dim=-1).float(), dim=-1).to(query.dtype)
     out = torch.matmul(weights[..., :p], prompt_values[0])  # [Hkv, BGq, d]
@@ -114,25 +112,24 @@ AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 @dataclass
 class PromptKV:
-    """The prompt's token ids and its keys and values per layer, each [1, Hkv, P, d], computed once."""
+    """The prompt's token ids and, in an ordinary cache, its keys and values ([1, Hkv, P, d] per layer)."""
 
     ids: list[int]
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    cache: DynamicCache  # the same keys/values as an ordinary cache, for the copying fallback
+    cache: DynamicCache
 
     def __len__(self) -> int:
         return len(self.ids)
 
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.layers[index].keys, self.cache.layers[index].values
+
 
 @torch.no_grad()
 def prompt_kv(model, prefix: list[int]) -> PromptKV:
-    """Run the shared prompt through the model once and keep its keys and values."""
+    """Run the shared prompt (non-empty) through the model once and keep its keys and values."""
     cache = DynamicCache(config=model.config)
-    if prefix:
-        model(input_ids=torch.tensor([prefix], device=model.device), past_key_values=cache, use_cache=True)
-    layers = cache.layers if prefix else []
-    return PromptKV(list(prefix), [l.keys for l in layers], [l.values for l in layers], cache)
+    model(input_ids=torch.tensor([prefix], device=model.device), past_key_values=cache, use_cache=True)
+    return PromptKV(list(prefix), cache)
 
 
 class PromptSuffixCache(DynamicCache):
@@ -154,13 +151,15 @@ class PromptSuffixCache(DynamicCache):
         return self.prompt_length + own_length, offset
 
 
+def attention_modules(model) -> list:
+    """The model's self-attention modules (they know their layer and project keys)."""
+    return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "k_proj")]
+
+
 def supports_shared_prompt(model) -> bool:
     """Whether `prompt_attention` computes this model's attention exactly (plain scaled dot-product)."""
-    config = model.config
     unsupported = ("sliding_window", "attn_logit_softcapping", "use_sliding_window")
-    return not any(getattr(config, name, None) for name in unsupported) and any(
-        hasattr(m, "layer_idx") and hasattr(m, "k_proj") for m in model.modules()
-    )
+    return not any(getattr(model.config, name, None) for name in unsupported) and bool(attention_modules(model))
 
 
 @contextlib.contextmanager
@@ -175,9 +174,9 @@ def reading_prompt(model, prompt: PromptKV, batch_size: int):
         past.batch_repeat_interleave(batch_size)
         yield past
         return
-    attention_modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "k_proj")]
-    for m in attention_modules:
-        m.shared_prompt_kv = (prompt.keys[m.layer_idx], prompt.values[m.layer_idx])
+    modules = attention_modules(model)
+    for m in modules:
+        m.shared_prompt_kv = prompt.layer(m.layer_idx)
     # The attention modules and the mask builder read the implementation from their configs.
     configs = {id(m.config): m.config for m in model.modules() if isinstance(getattr(m, "config", None), PretrainedConfig)}
     before = {key: c._attn_implementation for key, c in configs.items()}
@@ -188,7 +187,7 @@ def reading_prompt(model, prompt: PromptKV, batch_size: int):
     finally:
         for key, c in configs.items():
             c._attn_implementation = before[key]
-        for m in attention_modules:
+        for m in modules:
             del m.shared_prompt_kv
 
 

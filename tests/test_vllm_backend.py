@@ -7,10 +7,13 @@ import sys
 import types
 from types import SimpleNamespace as NS
 
+import pytest
 from datasets import load_from_disk
+from omegaconf import OmegaConf
 
 from pipeline import generate, vllm_backend
 from pipeline.__main__ import run_stages
+from pipeline.config import GenerateConfig
 from pipeline.job import job_from_config
 
 
@@ -44,43 +47,39 @@ def fake_vllm(calls: list):
     return module, inputs
 
 
-def test_generate_with_backend_vllm_writes_the_usual_dataset(tiny_cfg, monkeypatch):
+@pytest.fixture()
+def engine_calls(monkeypatch):
+    """The stand-in `vllm` installed for one test; yields the list of what was asked of it."""
     calls = []
     module, inputs = fake_vllm(calls)
     monkeypatch.setitem(sys.modules, "vllm", module)
     monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
+    vllm_backend.engine.cache_clear()  # no engine from another test (or a real one) is reused
+    yield calls
     vllm_backend.engine.cache_clear()
+
+
+def test_generate_with_backend_vllm_writes_the_usual_dataset(tiny_cfg, engine_calls):
     cfg = tiny_cfg("stage=generate", "generate.backend=vllm", "generate.logprobs_top_k=2")
     run_stages(cfg)
     rows = load_from_disk(str(generate.output_dir(cfg, job_from_config(cfg)) / "dataset")).to_list()
     assert rows and all(r["output_ids"] == [11, 12] and r["topk_ids"] == [[11, 4], [12, 4]] for r in rows)
-    engine_kwargs = next(c[1] for c in calls if c[0] == "engine")
+    engine_kwargs = next(c[1] for c in engine_calls if c[0] == "engine")
     assert engine_kwargs["enable_prefix_caching"] and engine_kwargs["logprobs_mode"] == "raw_logprobs"
-    params = next(c[2] for c in calls if c[0] == "generate")
+    params = next(c[2] for c in engine_calls if c[0] == "generate")
     assert params["logprobs"] == 2 and params["max_tokens"] == cfg.generate.max_new_tokens
-    vllm_backend.engine.cache_clear()
 
 
-def test_vllm_calls_are_sharded_and_a_restart_samples_only_the_missing_shard(tmp_path, monkeypatch):
-    from omegaconf import OmegaConf
-
-    from pipeline.config import GenerateConfig
-
-    calls = []
-    module, inputs = fake_vllm(calls)
-    monkeypatch.setitem(sys.modules, "vllm", module)
-    monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
-    vllm_backend.engine.cache_clear()
+def test_vllm_calls_are_sharded_and_a_restart_samples_only_the_missing_shard(tmp_path, engine_calls):
     cfg = OmegaConf.structured(GenerateConfig(backend="vllm", vllm_shard_size=2, logprobs_top_k=2))
     contexts = [[1, 2, 3], [1, 2], [4], [5, 6], [7]]
     first = generate.sample_all("model-dir", None, contexts, cfg, "x", tmp_path)
-    assert [c[1] for c in calls if c[0] == "generate"] == [2, 2, 1]
+    assert [c[1] for c in engine_calls if c[0] == "generate"] == [2, 2, 1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["batch-00000.json", "batch-00001.json", "batch-00002.json"]
-    seeds = [c[2]["seed"] for c in calls if c[0] == "generate"]
+    seeds = [c[2]["seed"] for c in engine_calls if c[0] == "generate"]
     assert len(set(seeds)) == 3  # each shard its own seed, fixed by its first input
     (tmp_path / "batch-00001.json").unlink()  # as if killed while sampling the second shard
-    calls.clear()
+    engine_calls.clear()
     again = generate.sample_all("model-dir", None, contexts, cfg, "x", tmp_path)
-    assert [(c[1], c[2]["seed"]) for c in calls if c[0] == "generate"] == [(2, seeds[1])]
+    assert [(c[1], c[2]["seed"]) for c in engine_calls if c[0] == "generate"] == [(2, seeds[1])]
     assert again == first
-    vllm_backend.engine.cache_clear()
