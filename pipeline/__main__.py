@@ -16,22 +16,23 @@ from pipeline import distributed
 from pipeline.config import register_configs
 
 log = logging.getLogger("pipeline")
-STAGES = ("generate", "extend", "train", "evaluate")
+STAGES = ("synthesize", "generate", "extend", "train", "evaluate")
 
 register_configs()
 
 
 def run_stages(cfg: DictConfig) -> None:
     """Run `cfg.stage` (or every stage for `all`); each stage skips itself when its output exists."""
-    from pipeline import evaluate, extend, generate, progress, train
+    from pipeline import evaluate, extend, generate, progress, synthesize, train
     from pipeline.job import job_from_config
     from pipeline.metatokens import ConfigError
     from pipeline.models import start_model_path
     from pipeline.validate import check_job
 
-    modules = {"generate": generate, "extend": extend, "train": train, "evaluate": evaluate}
+    modules = {"synthesize": synthesize, "generate": generate, "extend": extend, "train": train, "evaluate": evaluate}
     if cfg.stage not in (*STAGES, "all"):
         raise ConfigError(f"stage={cfg.stage!r} is not a stage. Fix: use one of {', '.join(STAGES)} or all.")
+    synthesize.check_config(cfg.inputs.synthetic)
     job = job_from_config(cfg)  # validate the tags, their nesting and the mixture before loading any model
     if cfg.stage in ("all", "generate", "extend"):
         for metatoken in job.metatokens.values():
@@ -42,6 +43,8 @@ def run_stages(cfg: DictConfig) -> None:
 
         check_config(cfg)  # and the pretrain stream's settings
     for name in STAGES if cfg.stage == "all" else (cfg.stage,):
+        if name == "synthesize" and cfg.inputs.synthetic.count == 0:
+            continue  # off: the shipped inputs only
         log.info("stage %s", name)
         if name in ("generate", "train"):  # every rank works (generate: its shard; train: DDP / ZeRO)
             progress.run_with_summary(name, modules[name].run, cfg)

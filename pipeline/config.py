@@ -54,11 +54,30 @@ class MetatokenConfig:
 
 
 @dataclass
+class SyntheticInputsConfig:
+    """Training requests the model writes itself (stage `synthesize`), added to the shipped train split."""
+
+    count: int = 0  # how many to add (0 = off: only the shipped file); held-out inputs stay the shipped ones
+    tag_share: float = 0.25  # share of seed lists headed by the tag's description (requests on its own topic)
+    oversample: float = 1.5  # seeds per missing request in a round (some answers are unusable or duplicates)
+    max_rounds: int = 6  # rounds of sampling before giving up with an error
+    near_duplicate: float = 0.6  # Jaccard of word 3-grams at or above which a request counts as a duplicate
+    min_words: int = 4
+    max_words: int = 60
+    max_new_tokens: int = 48
+    temperature: float = 1.0  # diversity matters more than polish here
+    top_p: float = 0.95
+    batch_size: int = 32
+    seed: int = 0
+
+
+@dataclass
 class InputsConfig:
     file: str = "${paths.data}/inputs/requests.jsonl"  # JSONL rows with "id" and "text"
     heldout_fraction: float = 0.2  # split by a hash of each row's id: stable when rows are added
     max_train: Optional[int] = None  # cap on training inputs (None = all)
     max_heldout: Optional[int] = None  # cap on held-out inputs (None = all)
+    synthetic: SyntheticInputsConfig = field(default_factory=SyntheticInputsConfig)
 
 
 @dataclass
@@ -112,6 +131,7 @@ class TrainConfig:
     teacher_memo_mb: float = 2048  # online: keep each example's teacher logits (it is frozen) up to this many MB, so later epochs skip the teacher; 0 = recompute
     params: str = "lora"  # embedding: only the new rows; lora: LoRA adapters + new rows; full: everything
     epochs: float = 3.0
+    max_examples: Optional[int] = None  # train on the first N generated training examples only (None = all): learning curves share one generate run
     max_steps: int = -1  # > 0 overrides epochs
     batch_size: int = 8
     grad_accum: int = 1

@@ -22,7 +22,7 @@ from datasets import Dataset
 
 from pipeline.progress import tqdm  # bars only when someone watches (progress=...)
 
-from pipeline import distributed, outputs
+from pipeline import distributed, outputs, synthesize
 from pipeline.data import load_inputs, split_inputs
 from pipeline.formats import context_ids
 from pipeline.job import Job, TagSet, job_from_config
@@ -35,11 +35,15 @@ log = logging.getLogger(__name__)
 
 
 def stage_key(cfg, job: Job) -> dict:
+    inputs = {**outputs.plain(cfg.inputs), "file": outputs.file_sha(cfg.inputs.file)}
+    inputs.pop("synthetic", None)  # added later: runs without synthetic inputs keep their folders
+    if cfg.inputs.synthetic.count > 0:
+        inputs["synthetic"] = outputs.key_hash(synthesize.stage_key(cfg, job))
     return {
         "model": outputs.model_key(cfg.model),
         "job": job.key(),
         "mixture_seed": cfg.mixture.seed,
-        "inputs": {**outputs.plain(cfg.inputs), "file": outputs.file_sha(cfg.inputs.file)},
+        "inputs": inputs,
         "generate": generate_key(cfg.generate),
     }
 
@@ -203,6 +207,7 @@ def run(cfg) -> Path:
     train_rows, heldout_rows = split_inputs(
         load_inputs(cfg.inputs.file), cfg.inputs.heldout_fraction, cfg.inputs.max_train, cfg.inputs.max_heldout
     )
+    train_rows += synthesize.synthetic_rows(cfg, job)  # all to training: evaluation stays on shipped inputs
     model_path = start_model_path(cfg)
     tokenizer = load_tokenizer(model_path)
     if cfg.generate.backend not in ("hf", "vllm"):

@@ -50,6 +50,8 @@ def stage_key(cfg, job: Job) -> dict:
     train_cfg.pop("report_to", None)  # where logs go does not change the model
     train_cfg.pop("teacher_memo_mb", None)  # nor does keeping teacher logits instead of recomputing them
     train_cfg.pop("pretrain", None)
+    if train_cfg.get("max_examples") is None:  # added later: runs without a cap keep their folders
+        train_cfg.pop("max_examples", None)
     if train_cfg.pop("mode", "finetune") == "pretrain":  # finetune keys stay as they were before pretrain existed
         from pipeline.pretrain import data_key
 
@@ -300,6 +302,10 @@ def run(cfg) -> Path:
     gen_dir, ext_dir = generate.output_dir(cfg, job), extend.output_dir(cfg, job)
     outputs.require({"generate": gen_dir, "extend": ext_dir}, by="train")
     records = load_from_disk(str(gen_dir / "dataset")).filter(lambda r: r["split"] == "train")
+    if train_cfg.max_examples is not None:
+        if train_cfg.max_examples < 1:
+            raise ConfigError(f"train.max_examples is {train_cfg.max_examples}. Fix: use a positive number, or null for all.")
+        records = records.select(range(min(train_cfg.max_examples, len(records))))
     tokenizer = load_tokenizer(str(ext_dir))
     model = load_model(str(ext_dir), cfg.model.dtype, "cpu")
     tag_ids = list(outputs.read_manifest(ext_dir)["tag_ids"].values())
