@@ -64,7 +64,7 @@ class SyntheticInputsConfig:
     near_duplicate: float = 0.6  # Jaccard of word 3-grams at or above which a request counts as a duplicate
     min_words: int = 4
     max_words: int = 60
-    max_new_tokens: int = 48
+    max_new_tokens: int = 32  # one request is one line; only the first line of an answer is kept
     temperature: float = 1.0  # diversity matters more than polish here
     top_p: float = 0.95
     batch_size: int = 32

@@ -1,0 +1,167 @@
+"""The fidelity study: what limits how much of a prompt's effect a trained tag recovers.
+
+Each study run is a named list of pipeline overrides on top of `metatoken=pirate stage=all`. Every
+stage output is cached by its config, so a run that is killed continues where it stopped and a
+finished run costs nothing to repeat: the study is built up over several sessions, one run at a time.
+Results (the evaluate report's numbers, the stage timings, the command) go to
+`benchmarks/fidelity_results.json`; `table` renders them into the table and plot of docs/fidelity.md.
+
+    python benchmarks/fidelity.py list                      # the runs, and which are finished
+    python benchmarks/fidelity.py run data-256 data-64      # run (or reuse) named runs, in order
+    python benchmarks/fidelity.py table                     # docs/fidelity/table.md + learning_curve.png
+
+Runs on the CPU use `OMP_NUM_THREADS` from the environment (set it to 1 on a shared machine).
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "fidelity_results.json"
+DOCS = ROOT / "docs" / "fidelity"
+COMMON = ["stage=all", "metatoken=pirate"]
+
+# name -> (what it varies, x value for the plot, overrides). One generate run of all 256 shipped
+# training inputs serves every `data-N` run up to 256 (train.max_examples takes the first N);
+# beyond 256 the model's own synthesized requests are added (stage synthesize).
+RUNS: dict[str, tuple[str, float, list[str]]] = {
+    "data-32": ("training inputs", 32, ["train.max_examples=32"]),
+    "data-64": ("training inputs", 64, ["train.max_examples=64"]),
+    "data-128": ("training inputs", 128, ["train.max_examples=128"]),
+    "data-256": ("training inputs", 256, []),
+    "data-768": ("training inputs", 768, ["inputs.synthetic.count=512", "train.epochs=1"]),
+    "epochs-1": ("epochs (256 inputs)", 1, ["train.epochs=1"]),
+    "online-256": ("teacher: online full vocabulary", 256, ["train.teacher=online"]),
+    "onpolicy-256": ("objective: on-policy", 256, ["train.objective=onpolicy"]),
+    "embedding-256": ("params: embedding only", 256, ["train.params=embedding", "train.embedding_lr=0.05"]),
+    "untagged0-256": ("untagged weight 0", 256, ["train.untagged_weight=0"]),
+}
+SUMMARY = re.compile(r"^(synthesize|generate|extend|train|evaluate): .*-> (\S+)$")
+
+
+def load_results() -> dict:
+    return json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+
+
+def stage_seconds(folder: Path) -> float | None:
+    manifest = folder / "manifest.json"
+    return json.loads(manifest.read_text()).get("seconds") if manifest.is_file() else None
+
+
+def run_one(name: str) -> dict:
+    """Run the pipeline for one study run (cached stages are reused) and collect its report."""
+    group, x, overrides = RUNS[name]
+    command = [sys.executable, "-m", "pipeline", *COMMON, *overrides]
+    print("$", " ".join(command[1:]), flush=True)
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
+        raise SystemExit(f"fidelity: run {name} failed (exit {proc.returncode})")
+    folders = {}
+    for line in proc.stdout.splitlines():
+        match = SUMMARY.match(line.strip())
+        if match:
+            print(line, flush=True)
+            folders[match.group(1)] = ROOT / match.group(2)
+    eval_dir = folders["evaluate"].parent if folders["evaluate"].suffix == ".html" else folders["evaluate"]
+    report = json.loads((eval_dir / "report.json").read_text())
+    train_dir = Path(report["inputs"]["train"])
+    return {
+        "group": group,
+        "x": x,
+        "command": "python -m pipeline " + " ".join(COMMON + overrides),
+        "metrics": report["metrics"],
+        "heldout_examples": report["heldout_examples"],
+        "scored_tokens": report["scored_tokens"],
+        "train_examples": json.loads((train_dir / "manifest.json").read_text()).get("examples"),
+        "seconds": {stage: stage_seconds(Path(f) if stage != "evaluate" else eval_dir) for stage, f in folders.items()},
+        "evaluate_dir": str(eval_dir.relative_to(ROOT)),
+    }
+
+
+def run(names: list[str]) -> None:
+    for name in names:
+        if name not in RUNS:
+            raise SystemExit(f"fidelity: no run named {name!r}. Fix: one of {', '.join(RUNS)}.")
+    for name in names:
+        result = run_one(name)
+        results = load_results()
+        results[name] = result
+        tmp = RESULTS.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
+        tmp.replace(RESULTS)  # atomic: a killed study keeps every finished run
+
+
+def fmt_ci(metrics: dict, key: str) -> str:
+    value, ci = metrics.get(key), metrics.get(key + "_ci")
+    if value is None:
+        return "–"
+    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{value:.3f}"
+
+
+def table() -> None:
+    results = load_results()
+    DOCS.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "| run | varies | train inputs | recovery, held-out [95% CI] | recovery, training inputs | probe retention | drift | train s | command |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, r in results.items():
+        m = r["metrics"]
+        lines.append(
+            f"| {name} | {r['group']} | {r['train_examples']} | {fmt_ci(m, 'recovery')} | {fmt_ci(m, 'train_recovery')} | "
+            f"{fmt_ci(m, 'probe_retention')} | {m.get('drift_kl', float('nan')):.4f} | {r['seconds'].get('train') or '–'} | "
+            f"`{r['command']}` |"
+        )
+    (DOCS / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot(results)
+
+
+def plot(results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = sorted((r for r in results.values() if r["group"] == "training inputs"), key=lambda r: r["x"])
+    if not curve:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("recovery", "held-out inputs"), ("train_recovery", "training inputs")):
+        points = [(r["x"], r["metrics"][key], r["metrics"].get(key + "_ci")) for r in curve if key in r["metrics"]]
+        if not points:
+            continue
+        xs, ys, cis = zip(*points)
+        err = [[y - c[0] for y, c in zip(ys, cis)], [c[1] - y for y, c in zip(ys, cis)]] if all(cis) else None
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("training inputs")
+    ax.set_ylabel("recovery (full-vocabulary KL)")
+    ax.set_ylim(0, 1)
+    ax.axhline(0.9, color="grey", linestyle=":", linewidth=1)
+    ax.set_title("<pirate> on SmolLM2-135M-Instruct")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(DOCS / "learning_curve.png", dpi=120)
+
+
+def main(argv: list[str]) -> None:
+    if not argv or argv[0] not in ("list", "run", "table"):
+        raise SystemExit(__doc__)
+    if argv[0] == "list":
+        done = load_results()
+        for name, (group, x, overrides) in RUNS.items():
+            print(f"{'done' if name in done else '    '}  {name:15s} {group:32s} {' '.join(overrides)}")
+    elif argv[0] == "run":
+        run(argv[1:])
+    else:
+        table()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
