@@ -263,3 +263,25 @@ def test_bad_onpolicy_settings_fail_before_any_stage_runs(tiny_cfg, monkeypatch,
     objective = [] if any(o.startswith("train.objective") for o in overrides) else ["train.objective=onpolicy"]
     with pytest.raises(ConfigError, match=message):
         run_stages(tiny_cfg("stage=all", *objective, *overrides))
+
+
+def test_offpolicy_steps_against_the_recorded_topk_use_its_bins(extended):
+    """Recorded teacher: the divergence between the k+1 bins (top-k tokens, the rest), by loops over the student's full distribution."""
+    student, tok, tag_id = extended
+    outs = [[5, 6, 7], [9, 10], [11], [12, 13, 14]]
+    top_ids = [[[t, t + 1] for t in o] for o in outs]  # the recorded top-2 at each position
+    top_probs = [0.5, 0.2]  # and their probabilities (the rest: 0.3)
+    records = [{"id": f"r{i}", "input": t, "tags": ["<kind>"], "output_ids": o, "topk_ids": ids,
+                "topk_logprobs": [[math.log(p) for p in top_probs]] * len(o)}
+               for i, (t, o, ids) in enumerate(zip(TEXTS, outs, top_ids))]
+    batch = train.DistillCollator(tok.pad_token_id)(train.build_examples(records, tok, True))
+    for loss, beta in (("reverse_kl", 1.0), ("jsd", 0.3)):
+        got = train.offpolicy_loss(student, batch, [tag_id], None, settings(loss=loss, beta=beta))
+        total, count = 0.0, 0
+        for ctx, o, ids in zip(student_contexts(tok), outs, top_ids):
+            for row, (a, b) in zip(naive_logits(student, ctx, o, tag_id), ids):
+                q = [math.exp(x) / sum(math.exp(y) for y in row) for x in row]
+                q_bins = [q[a], q[b], 1 - q[a] - q[b]]
+                total += brute_force_jsd([math.log(x) for x in q_bins], [math.log(x) for x in (*top_probs, 0.3)], beta)
+                count += 1
+        assert got.item() == pytest.approx(total / count, rel=1e-4), loss
