@@ -34,6 +34,8 @@ def run_stages(cfg: DictConfig) -> None:
         raise ConfigError(f"stage={cfg.stage!r} is not a stage. Fix: use one of {', '.join(STAGES)} or all.")
     synthesize.check_config(cfg.inputs.synthetic)
     job = job_from_config(cfg)  # validate the tags, their nesting and the mixture before loading any model
+    if cfg.stage in ("all", "train"):
+        train.check_config(cfg, job)  # objective, teacher, on-policy settings: before generate spends its hour
     if cfg.stage in ("all", "generate", "extend"):
         for metatoken in job.metatokens.values():
             check_job(cfg, metatoken, start_model_path(cfg))

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import II, MISSING, OmegaConf
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # `${project_root:}` in YAML resolves to the checkout, so paths work from any working directory.
@@ -126,8 +126,15 @@ class PretrainConfig:
 class TrainConfig:
     mode: str = "finetune"  # finetune: distil (context, continuation) pairs; pretrain: LM loss on packed tagged + plain documents
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)  # the stream for mode=pretrain (ignored otherwise)
-    objective: str = "kl"  # kl: match the teacher's recorded top-k distribution; sft: cross-entropy on its samples
-    teacher: str = "recorded"  # kl targets: recorded (top-k saved by generate) | online (full distribution, computed now from the prompt cache)
+    objective: str = "kl"  # kl: match the teacher's recorded top-k distribution; sft: cross-entropy on its samples; onpolicy: the student samples, the teacher scores its tokens (pipeline/onpolicy.py)
+    teacher: str = "recorded"  # kl targets: recorded (top-k saved by generate) | online (full distribution, computed now from the prompt cache); onpolicy: the off-policy steps' target
+    # onpolicy_* only count with objective=onpolicy (left out of the train key otherwise). Cost: each on-policy step samples batch_size x onpolicy_max_new_tokens tokens (default model, 2 CPU cores: ~40 tokens/s batched)
+    onpolicy_loss: str = "reverse_kl"  # reverse_kl: KL(student || teacher) on the student's samples | jsd: the generalised JSD with onpolicy_beta
+    onpolicy_beta: float = 0.5  # jsd: 0 = forward KL(teacher || student), 1 = reverse KL, between: the mixture's weight (TRL GKD's beta)
+    onpolicy_share: float = 1.0  # share of steps that sample from the student; the rest are off-policy (the teacher's recorded samples, same loss)
+    onpolicy_max_new_tokens: int = II("generate.max_new_tokens")  # length of each student sample (default: as long as the teacher's)
+    onpolicy_temperature: float = II("generate.temperature")  # the student's sampling temperature (default: the teacher's and evaluation's)
+    onpolicy_top_p: float = II("generate.top_p")  # the student's nucleus sampling (default: the teacher's and evaluation's)
     teacher_memo_mb: float = 2048  # online: keep each example's teacher logits (it is frozen) up to this many MB, so later epochs skip the teacher; 0 = recompute
     params: str = "lora"  # embedding: only the new rows; lora: LoRA adapters + new rows; full: everything
     epochs: float = 3.0

@@ -1,9 +1,12 @@
 """The math of distillation and evaluation, as small pure functions on tensors.
 
 Notation: p is the teacher (the model reading the full prompt), q the student (the model reading
-the tag). All KLs are forward KL(p || q), per position, in nats.
+the tag). KLs are forward KL(p || q), per position, in nats, except where a name says otherwise
+(`generalized_jsd`, the on-policy objective's divergence).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +55,52 @@ def topk_kl(
     q_rest_log = _log1m_sumexp(q_top)
     kl_rest = torch.where(p_rest_log > -30, p_rest_log.exp() * (p_rest_log - q_rest_log), 0.0)
     return kl_top + kl_rest
+
+
+def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float) -> torch.Tensor:
+    """Generalised Jensen-Shannon divergence per position (GKD, Agarwal et al. 2024, eq. 1).
+
+    With M = beta p + (1 - beta) q, for 0 < beta < 1:
+        JSD_beta(p, q) = beta KL(p || M) + (1 - beta) KL(q || M);
+    and at the ends (TRL's `generalized_jsd_loss` convention): beta = 0 is forward KL(p || q),
+    beta = 1 is reverse KL(q || p). JSD_beta itself tends to 0 at both ends; JSD_beta / beta tends to
+    forward KL and JSD_beta / (1 - beta) to reverse KL, so the end points are the divergences
+    the interpolation moves between. Reverse KL is mode-seeking: on the student's own samples it
+    punishes the tokens the student writes that the teacher would not.
+
+    Inputs are logits (any normalisation: log-probabilities work too), the same vocabulary on both
+    sides. Shapes: [..., V], [..., V] -> [...].
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta is {beta}; the generalised JSD needs 0 <= beta <= 1")
+    q_log = F.log_softmax(student_logits.float(), dim=-1)
+    p_log = F.log_softmax(teacher_logits.float(), dim=-1)
+    if beta == 0.0:
+        return _kl_from_logs(p_log, q_log)
+    if beta == 1.0:
+        return _kl_from_logs(q_log, p_log)
+    m_log = torch.logaddexp(p_log + math.log(beta), q_log + math.log(1.0 - beta))
+    return beta * _kl_from_logs(p_log, m_log) + (1.0 - beta) * _kl_from_logs(q_log, m_log)
+
+
+def _kl_from_logs(a_log: torch.Tensor, b_log: torch.Tensor) -> torch.Tensor:
+    """KL(a || b) over the last dim from log-probabilities (0 log 0 = 0: tags at -1e4 add nothing)."""
+    return (a_log.exp() * (a_log - b_log)).sum(-1)
+
+
+def topk_bins(
+    student_logits: torch.Tensor, teacher_topk_ids: torch.Tensor, teacher_topk_logprobs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both distributions coarsened to k+1 bins: the teacher's top-k tokens and one bin for the rest.
+
+    Returns (student, teacher) log-probabilities [..., k+1], so any divergence between full
+    distributions (`generalized_jsd`) applies to what `generate` recorded; `topk_kl` is forward KL
+    on the same bins. Shapes: [..., V], [..., k], [..., k] -> ([..., k+1], [..., k+1]).
+    """
+    q_top = F.log_softmax(student_logits.float(), dim=-1).gather(-1, teacher_topk_ids)
+    p_top = teacher_topk_logprobs.float()
+    bins = [torch.cat([top, _log1m_sumexp(top).unsqueeze(-1)], dim=-1) for top in (q_top, p_top)]
+    return bins[0], bins[1]
 
 
 def _log1m_sumexp(logs: torch.Tensor) -> torch.Tensor:

@@ -228,8 +228,14 @@ class CachedPromptTeacher:
         return ids[len(self.prompt_kv) :]
 
     @torch.no_grad()
-    def continuation_logits(self, suffixes: list[list[int]], continuations: list[list[int]]) -> torch.Tensor:
-        """Logits [B, T, V] predicting each continuation token after prompt + suffix (zeros past each end)."""
+    def continuation_logits(
+        self, suffixes: list[list[int]], continuations: list[list[int]], keep: bool = True
+    ) -> torch.Tensor:
+        """Logits [B, T, V] predicting each continuation token after prompt + suffix (zeros past each end).
+
+        `keep=False` for continuations that will not come again (the student's on-policy samples),
+        so they do not fill the memo that later epochs of recorded continuations read from.
+        """
         keys = [(tuple(s), tuple(c)) for s, c in zip(suffixes, continuations)]
         missing = [i for i, key in enumerate(keys) if key not in self.memo]
         rows: dict[int, torch.Tensor] = {}
@@ -238,7 +244,7 @@ class CachedPromptTeacher:
             self.computed += len(missing)
             for j, i in enumerate(missing):
                 rows[i] = fresh[j, : len(continuations[i])]
-                if self.memo_bytes + rows[i].nbytes <= self.memo_limit:
+                if keep and self.memo_bytes + rows[i].nbytes <= self.memo_limit:
                     self.memo[keys[i]] = rows[i].clone()  # a copy: a view would keep the whole batch alive
                     self.memo_bytes += rows[i].nbytes
         for i, key in enumerate(keys):

@@ -2,7 +2,9 @@
 
 Objectives:
 - `kl`:  match the teacher's recorded top-k distribution at every position (dense signal);
-- `sft`: cross-entropy on the teacher's sampled tokens.
+- `sft`: cross-entropy on the teacher's sampled tokens;
+- `onpolicy`: the student samples from its tagged context, the teacher scores those tokens with its
+  full distribution, reverse KL or generalised JSD (pipeline/onpolicy.py: the steps, the cost).
 Trainable parameters:
 - `embedding`: only the new tag rows (the rest of the model is untouched, so untagged text cannot drift);
 - `lora`: LoRA adapters (peft) plus the new tag rows;
@@ -29,17 +31,17 @@ import torch
 from datasets import load_from_disk
 from transformers import Trainer, TrainingArguments, get_scheduler, set_seed
 
-from pipeline import distributed, extend, generate, outputs, progress, tracking
+from pipeline import distributed, extend, generate, onpolicy, outputs, progress, tracking
 from pipeline.data import gather_positions, pad_2d, pad_examples
 from pipeline.formats import context_ids
-from pipeline.losses import full_kl, masked_mean, suppress, token_cross_entropy, topk_kl
+from pipeline.losses import full_kl, masked_mean, suppress, token_cross_entropy, topk_bins, topk_kl
 from pipeline.job import Job, job_from_config
 from pipeline.metatokens import ConfigError
 from pipeline.models import load_model, load_tokenizer
 from pipeline.teacher import CachedPromptTeacher
 
 log = logging.getLogger(__name__)
-OBJECTIVES = ("kl", "sft")
+OBJECTIVES = ("kl", "sft", "onpolicy")
 PARAMS = ("embedding", "lora", "full")
 TEACHERS = ("recorded", "online")
 EMBEDDING_FILE = "embedding.safetensors"  # in LoRA checkpoints: the (tag rows of the) input embedding
@@ -52,6 +54,7 @@ def stage_key(cfg, job: Job) -> dict:
     train_cfg.pop("pretrain", None)
     if train_cfg.get("max_examples") is None:  # added later: runs without a cap keep their folders
         train_cfg.pop("max_examples", None)
+    train_cfg = onpolicy.key_fields(train_cfg)  # kl / sft keys stay as they were before onpolicy existed
     if train_cfg.pop("mode", "finetune") == "pretrain":  # finetune keys stay as they were before pretrain existed
         from pipeline.pretrain import data_key
 
@@ -68,6 +71,19 @@ def stage_key(cfg, job: Job) -> dict:
 
 def output_dir(cfg, job: Job) -> Path:
     return outputs.stage_dir(cfg.paths.outputs, "train", job.label, stage_key(cfg, job))
+
+
+def check_config(cfg, job: Job) -> None:
+    """Fail on a bad train setting before any stage runs (called by `run_stages` and by `run`)."""
+    train_cfg = cfg.train
+    if train_cfg.teacher not in TEACHERS:
+        raise ConfigError(f"train.teacher is {train_cfg.teacher!r}. Fix: use one of {', '.join(TEACHERS)}.")
+    if train_cfg.objective not in OBJECTIVES:
+        raise ConfigError(f"train.objective is {train_cfg.objective!r}. Fix: use one of {', '.join(OBJECTIVES)}.")
+    if train_cfg.objective == "onpolicy":
+        onpolicy.check_settings(cfg, job)
+    if train_cfg.max_examples is not None and train_cfg.max_examples < 1:
+        raise ConfigError(f"train.max_examples is {train_cfg.max_examples}. Fix: use a positive number, or null for all.")
 
 
 def student_context(job: Job, record: dict, tokenizer, chat: bool, seed: int) -> list[int]:
@@ -121,6 +137,7 @@ class DistillCollator:
         if "teacher_suffix_ids" in examples[0]:
             batch["teacher_suffix_ids"] = [e["teacher_suffix_ids"] for e in examples]
             batch["continuations"] = [e["output_ids"] for e in examples]
+            batch["student_contexts"] = [e["context_ids"] for e in examples]  # where on-policy samples start
         return batch
 
 
@@ -147,6 +164,30 @@ def distill_loss(model, batch: dict, objective: str, tag_ids: list[int], teacher
     return masked_mean(per_token, batch["output_mask"])
 
 
+def onpolicy_loss(model, sampler, batch: dict, tag_ids: list[int], teacher, settings, seed: int, pad_id: int):
+    """The divergence between student and teacher on continuations the student samples now.
+
+    `sampler` is the model to sample from (the training model, unwrapped from DDP); the student's
+    teacher-forced pass on its own samples then carries the gradient.
+    """
+    contexts = batch["student_contexts"]
+    samples = onpolicy.sample_student(sampler, contexts, tag_ids, pad_id, settings, seed)
+    sampled = {k: v.to(batch["input_ids"].device) for k, v in pad_examples(contexts, samples, pad_id).items()}
+    target = suppress(teacher.continuation_logits(batch["teacher_suffix_ids"], samples, keep=False), tag_ids)
+    student = continuation_logits(model, sampled, tag_ids)
+    return masked_mean(onpolicy.divergence(student, target.to(student.device), settings), sampled["output_mask"])
+
+
+def offpolicy_loss(model, batch: dict, tag_ids: list[int], teacher, settings) -> torch.Tensor:
+    """The on-policy divergence on the teacher's recorded samples: recorded top-k bins, or the online teacher."""
+    student = continuation_logits(model, batch, tag_ids)
+    if settings.recorded_offpolicy:
+        student, target = topk_bins(student, batch["topk_ids"], batch["topk_logprobs"])
+    else:
+        target = suppress(teacher.continuation_logits(batch["teacher_suffix_ids"], batch["continuations"]), tag_ids)
+    return masked_mean(onpolicy.divergence(student, target.to(student.device), settings), batch["output_mask"])
+
+
 def preserve_loss(model, reference, batch: dict, tag_ids: list[int]) -> torch.Tensor:
     """KL(reference || student) on the same inputs without a tag: keeps untagged behaviour in place.
 
@@ -167,10 +208,21 @@ class DistillTrainer(Trainer):
     """HF Trainer with the distillation loss (it keeps checkpoints, logging, DeepSpeed and DDP)."""
 
     def __init__(
-        self, *args, objective: str, tag_ids: list[int], untagged_weight=0.0, reference=None, teacher=None, **kwargs
+        self,
+        *args,
+        objective: str,
+        tag_ids: list[int],
+        untagged_weight=0.0,
+        reference=None,
+        teacher=None,
+        onpolicy_settings=None,
+        pad_id: int = 0,
+        **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.objective = objective
+        self.onpolicy_settings, self.pad_id = onpolicy_settings, pad_id
+        self._draw = (-1, -1)  # (global step, micro-batch within it) of the last loss: seeds on-policy draws
         self.teacher = teacher
         self.tag_ids = tag_ids
         self.untagged_weight = untagged_weight
@@ -208,8 +260,23 @@ class DistillTrainer(Trainer):
             with torch.no_grad():
                 (model or self.model).get_input_embeddings().weight.copy_(load_file(path)["weight"])
 
+    def _onpolicy_step_loss(self, model, inputs) -> torch.Tensor:
+        """On- or off-policy, as drawn for this (step, micro-batch); the samples' seed depends on nothing else."""
+        step = self.state.global_step  # completed optimizer steps: restored from the checkpoint on resume
+        micro = self._draw[1] + 1 if self._draw[0] == step else 0
+        self._draw = (step, micro)
+        settings = self.onpolicy_settings
+        if not onpolicy.is_onpolicy_step(settings, step, micro):
+            return offpolicy_loss(model, inputs, self.tag_ids, self.teacher, settings)
+        seed = onpolicy.draw_seed(settings.seed, step, micro, self.args.process_index, "samples")
+        sampler = self.accelerator.unwrap_model(model)
+        return onpolicy_loss(model, sampler, inputs, self.tag_ids, self.teacher, settings, seed, self.pad_id)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = distill_loss(model, inputs, self.objective, self.tag_ids, self.teacher)
+        if self.objective == "onpolicy":
+            loss = self._onpolicy_step_loss(model, inputs)
+        else:
+            loss = distill_loss(model, inputs, self.objective, self.tag_ids, self.teacher)
         if not torch.isfinite(loss):
             raise TrainingDiverged(
                 f"train: the loss became {loss.item()} at step {self.state.global_step + 1}. The checkpoints saved so "
@@ -295,16 +362,11 @@ def run(cfg) -> Path:
     if outputs.already_done(out_dir, cfg.force, "train"):
         return out_dir
     train_cfg = cfg.train
-    if train_cfg.teacher not in TEACHERS:
-        raise ConfigError(f"train.teacher is {train_cfg.teacher!r}. Fix: use one of {', '.join(TEACHERS)}.")
-    if train_cfg.objective not in OBJECTIVES:
-        raise ConfigError(f"train.objective is {train_cfg.objective!r}. Fix: use one of {', '.join(OBJECTIVES)}.")
+    check_config(cfg, job)
     gen_dir, ext_dir = generate.output_dir(cfg, job), extend.output_dir(cfg, job)
     outputs.require({"generate": gen_dir, "extend": ext_dir}, by="train")
     records = load_from_disk(str(gen_dir / "dataset")).filter(lambda r: r["split"] == "train")
     if train_cfg.max_examples is not None:
-        if train_cfg.max_examples < 1:
-            raise ConfigError(f"train.max_examples is {train_cfg.max_examples}. Fix: use a positive number, or null for all.")
         records = records.select(range(min(train_cfg.max_examples, len(records))))
     tokenizer = load_tokenizer(str(ext_dir))
     model = load_model(str(ext_dir), cfg.model.dtype, "cpu")
@@ -320,7 +382,7 @@ def run(cfg) -> Path:
 
         examples, pretrain_steps = pretrain.training_stream(cfg, records, tokenizer, tag_ids)
     else:
-        if train_cfg.teacher == "online":
+        if train_cfg.teacher == "online" or train_cfg.objective == "onpolicy":  # onpolicy: it scores the samples
             if len(job.train_sets) != 1:
                 raise ConfigError(
                     "train.teacher=online computes one prompt's cache; this run trains several tag sets (mixture). "
@@ -376,6 +438,11 @@ def run(cfg) -> Path:
             untagged_weight=train_cfg.untagged_weight if train_cfg.params != "embedding" and not pretraining else 0.0,
             reference=None if pretraining else frozen,
             teacher=teacher,
+            **(
+                {"onpolicy_settings": onpolicy.Settings.from_config(train_cfg), "pad_id": tokenizer.pad_token_id}
+                if train_cfg.objective == "onpolicy" and not pretraining
+                else {}
+            ),
         )
         progress.attach(trainer)  # the step bar also shows the loss
         distributed.add_callbacks_first(trainer, distributed.train_callbacks(work, global_batch))

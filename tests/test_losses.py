@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from pipeline.losses import full_kl, masked_mean, recovery, token_cross_entropy, topk_kl
+from pipeline.losses import full_kl, generalized_jsd, masked_mean, recovery, token_cross_entropy, topk_bins, topk_kl
 
 
 def test_full_kl_matches_hand_computed_value():
@@ -79,3 +79,73 @@ def test_position_means_average_only_the_examples_that_reach_a_position():
     means, counts = position_means([torch.tensor([1.0, 2.0, 3.0]), torch.tensor([3.0]), torch.tensor([])])
     assert means == pytest.approx([2.0, 2.0, 3.0]) and counts == [2, 1, 1]
     assert position_means([]) == ([], [])
+
+
+def brute_force_jsd(student_row: list[float], teacher_row: list[float], beta: float) -> float:
+    """The generalised JSD of one position with plain Python loops (GKD eq. 1, TRL's end points)."""
+
+    def probs(logits):
+        top = max(logits)
+        weights = [math.exp(x - top) for x in logits]
+        return [w / sum(weights) for w in weights]
+
+    def kl(a, b):
+        return sum(x * math.log(x / y) for x, y in zip(a, b) if x > 0)
+
+    q, p = probs(student_row), probs(teacher_row)
+    if beta == 0:
+        return kl(p, q)
+    if beta == 1:
+        return kl(q, p)
+    m = [beta * pi + (1 - beta) * qi for pi, qi in zip(p, q)]
+    return beta * kl(p, m) + (1 - beta) * kl(q, m)
+
+
+@pytest.mark.parametrize("beta", [0.0, 1e-3, 0.1, 0.5, 0.9, 1 - 1e-3, 1.0])
+def test_generalized_jsd_equals_a_brute_force_loop(beta):
+    torch.manual_seed(2)
+    student, teacher = 2 * torch.randn(2, 3, 7), 2 * torch.randn(2, 3, 7)
+    student[..., 6] = -1e4  # a suppressed tag column on both sides: no mass, no NaN
+    teacher[..., 6] = -1e4
+    got = generalized_jsd(student, teacher, beta)
+    assert got.shape == (2, 3)
+    for b in range(2):
+        for t in range(3):
+            expected = brute_force_jsd(student[b, t].tolist(), teacher[b, t].tolist(), beta)
+            assert got[b, t].item() == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+
+def test_generalized_jsd_end_points_are_the_limits_of_the_scaled_mixture():
+    """beta=0 / beta=1 are forward / reverse KL: what JSD_beta / beta and JSD_beta / (1 - beta) tend to."""
+    torch.manual_seed(3)
+    student, teacher = torch.randn(5, 9), torch.randn(5, 9)
+    forward, reverse = full_kl(teacher, student), full_kl(student, teacher)
+    assert torch.allclose(generalized_jsd(student, teacher, 0.0), forward, atol=1e-6)
+    assert torch.allclose(generalized_jsd(student, teacher, 1.0), reverse, atol=1e-6)
+    assert not torch.allclose(forward, reverse, atol=1e-3)  # the two ends really differ here
+    assert torch.allclose(generalized_jsd(student, teacher, 1e-4) / 1e-4, forward, rtol=2e-3)
+    assert torch.allclose(generalized_jsd(student, teacher, 1 - 1e-4) / 1e-4, reverse, rtol=2e-3)
+    assert generalized_jsd(teacher, teacher, 0.5).abs().max().item() < 1e-6
+    with pytest.raises(ValueError, match="beta is 1.5"):
+        generalized_jsd(student, teacher, 1.5)
+
+
+def test_generalized_jsd_gradient_moves_the_student_towards_the_teacher():
+    teacher = torch.tensor([[3.0, 0.0, -2.0]])
+    for beta in (0.0, 0.5, 1.0):
+        student = torch.zeros(1, 3, requires_grad=True)
+        generalized_jsd(student, teacher, beta).sum().backward()
+        assert student.grad[0, 0] < 0 < student.grad[0, 2]  # up on the teacher's favourite, down on its last
+
+
+def test_topk_bins_are_the_recorded_distribution_coarsened():
+    # p = (0.6, 0.3, 0.1), q = (0.2, 0.3, 0.5); k=1: bins {token0}, {rest}
+    p, q = torch.tensor([0.6, 0.3, 0.1]), torch.tensor([0.2, 0.3, 0.5])
+    student_bins, teacher_bins = topk_bins(q.log(), torch.tensor([0]), p.log()[:1])
+    assert torch.allclose(student_bins.exp(), torch.tensor([0.2, 0.8]), atol=1e-6)
+    assert torch.allclose(teacher_bins.exp(), torch.tensor([0.6, 0.4]), atol=1e-6)
+    torch.manual_seed(4)
+    teacher, student = torch.randn(4, 6, 30), torch.randn(4, 6, 30)
+    top, ids = torch.log_softmax(teacher, -1).topk(5, dim=-1)
+    s_bins, t_bins = topk_bins(student, ids, top)
+    assert torch.allclose(generalized_jsd(s_bins, t_bins, 0.0), topk_kl(student, ids, top), atol=1e-5)  # same bins
