@@ -33,6 +33,7 @@ RUNS: dict[str, tuple[str, float, list[str]]] = {
     "data-64": ("training inputs", 64, ["train.max_examples=64"]),
     "data-128": ("training inputs", 128, ["train.max_examples=128"]),
     "data-256": ("training inputs", 256, []),
+    "data-512": ("training inputs", 512, ["inputs.synthetic.count=256", "train.epochs=1"]),
     "data-768": ("training inputs", 768, ["inputs.synthetic.count=512", "train.epochs=1"]),
     "epochs-1": ("epochs (256 inputs)", 1, ["train.epochs=1"]),
     "online-256": ("teacher: online full vocabulary", 256, ["train.teacher=online"]),
