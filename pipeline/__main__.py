@@ -27,11 +27,12 @@ def run_stages(cfg: DictConfig) -> None:
     from pipeline.job import job_from_config
     from pipeline.metatokens import ConfigError
     from pipeline.models import start_model_path
-    from pipeline.validate import check_job
+    from pipeline.validate import check_job, check_values
 
     modules = {"generate": generate, "extend": extend, "train": train, "evaluate": evaluate}
     if cfg.stage not in (*STAGES, "all"):
         raise ConfigError(f"stage={cfg.stage!r} is not a stage. Fix: use one of {', '.join(STAGES)} or all.")
+    check_values(cfg)  # every range, before anything is read or loaded
     job = job_from_config(cfg)  # validate the tags, their nesting and the mixture before loading any model
     if cfg.stage in ("all", "generate", "extend"):
         for metatoken in job.metatokens.values():

@@ -25,7 +25,7 @@ def plain(node) -> dict:
     """A config node as plain Python values (for hashing and manifests)."""
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+    return OmegaConf.to_container(node, resolve=True, enum_to_str=True) if OmegaConf.is_config(node) else dict(node)
 
 
 def file_sha(path: str | Path) -> str:
