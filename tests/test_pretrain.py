@@ -100,7 +100,6 @@ def test_interrupted_pretraining_resumes_to_the_same_weights(pretrain_cfg, monke
         (["train.pretrain.tag_position=random", "model.chat=true"], "tag_position=random needs model.chat=false"),
         (["train.pretrain.plain.data_files=/nowhere/corpus.jsonl"], "no such file exists"),
         (["train.pretrain.tagged_share=1.5"], "train.pretrain.tagged_share is 1.5"),
-        (["train.mode=pretrian"], "train.mode is 'pretrian'"),
     ],
 )
 def test_bad_pretrain_settings_fail_before_any_model_loads(pretrain_cfg, monkeypatch, overrides, message):
@@ -117,3 +116,22 @@ def test_unknown_tag_in_the_mixture_is_named(pretrain_cfg):
         run_stages(pretrain_cfg("train.pretrain.tags=['<nope>']", f"stage={stage}"))
     with pytest.raises(ConfigError, match=r"train.pretrain.tags lists \['<nope>'\]"):
         train.run(cfg)
+
+
+def test_pretrain_loss_is_not_multiplied_by_gradient_accumulation(pretrain_cfg, tmp_path):
+    """Two micro-batches of 2 blocks must log the loss and gradient norm of one batch of 4 blocks.
+
+    Before: batches carry `labels`, so the Trainer took the plain mean for an already normalised sum and
+    did not divide by grad_accum: the logged loss and the gradients were twice as large.
+    """
+    logs = {}
+    for name, batch, accum in (("one_batch", 4, 1), ("accumulated", 2, 2)):
+        cfg = pretrain_cfg(f"paths.outputs={tmp_path / name}", "train.params=full", "train.max_steps=1",
+                           f"train.batch_size={batch}", f"train.grad_accum={accum}", "train.logging_steps=1")
+        run_stages(pretrain_cfg(f"paths.outputs={tmp_path / name}", "stage=generate"))
+        run_stages(pretrain_cfg(f"paths.outputs={tmp_path / name}", "stage=extend"))
+        train.run(cfg)
+        log = json.loads((train.output_dir(cfg, job_from_config(cfg)) / "train_log.json").read_text())
+        logs[name] = next(e for e in log if "loss" in e)
+    assert logs["accumulated"]["loss"] == pytest.approx(logs["one_batch"]["loss"], rel=0.05)
+    assert logs["accumulated"]["grad_norm"] == pytest.approx(logs["one_batch"]["grad_norm"], rel=0.05)
