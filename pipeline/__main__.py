@@ -55,7 +55,21 @@ def main(cfg: DictConfig) -> None:
     run_stages(cfg)
 
 
+def check_conf() -> None:
+    """Before Hydra reads conf/: no metatoken file may carry what Hydra would act on (see metatokens.py)."""
+    import sys
+
+    from pipeline.config import PROJECT_ROOT
+    from pipeline.metatokens import ConfigError, check_hydra_directives
+
+    try:
+        check_hydra_directives(PROJECT_ROOT / "conf" / "metatoken")
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
+
+
 if __name__ == "__main__":
+    check_conf()
     distributed.setup()  # before Hydra: the ranks agree on one run folder
     main()  # a failing rank exits here with an error (no barrier to hang in); torchrun stops the others
     distributed.finish()  # barrier(); destroy_process_group()

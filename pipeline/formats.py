@@ -36,7 +36,7 @@ TEXT_MARKER = "\ue000user-text\ue001"  # private-use characters: no template or 
 
 def special_strings(tokenizer) -> list[str]:
     """The texts the tokenizer turns into special tokens (chat markers, BOS/EOS, the tags)."""
-    return [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
+    return [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special]
 
 
 def context_ids(tokenizer, text: str, system: Optional[str], chat: bool) -> list[int]:

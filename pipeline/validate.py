@@ -129,7 +129,7 @@ def check_job(cfg, metatoken: Metatoken, model_path: str) -> None:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     prompt = metatoken.teacher_prompt(cfg.generate.teacher_mode)
-    unknown = [t for t in inner_tags(prompt) if t not in tokenizer.get_vocab()]
+    unknown = [t for t in inner_tags(metatoken.prompt) if t not in tokenizer.get_vocab()]
     if unknown and cfg.generate.teacher_mode == "bootstrap":
         raise ConfigError(f"{metatoken.source}: the teacher does not know {unknown}.")
     check_split(cfg, rows)
