@@ -17,20 +17,22 @@ SHIPPED = PROJECT_ROOT / "conf" / "metatoken"
 
 
 def test_a_metatoken_file_with_a_package_header_and_a_callback_never_reaches_hydra(tmp_path):
-    """Before: `# @package _global_` + hydra.callbacks made Hydra instantiate (call) the target at start."""
+    """Before: `# @package _global_` + hydra.callbacks made Hydra instantiate (call) the target at start.
+
+    Runs a copy of the package and conf/ (never the checkout's own conf/, which other runs read).
+    """
+    project = tmp_path / "project"
+    shutil.copytree(PROJECT_ROOT / "pipeline", project / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(PROJECT_ROOT / "conf", project / "conf")
     marker = tmp_path / "callback-ran"
-    evil = SHIPPED / "zz_evil_for_test.yaml"
-    evil.write_text(
+    (project / "conf" / "metatoken" / "evil.yaml").write_text(
         "# @package _global_\nmetatoken:\n  tag: \"<evil>\"\n  prompt: hi\nhydra:\n  callbacks:\n    c:\n"
         f"      _target_: os.makedirs\n      name: {marker}\n"
     )
-    try:
-        done = subprocess.run([sys.executable, "-m", "pipeline", "metatoken=zz_evil_for_test", "stage=generate"],
-                              cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
-    finally:
-        evil.unlink()
+    done = subprocess.run([sys.executable, "-m", "pipeline", "metatoken=evil", "stage=generate"],
+                          cwd=project, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and not marker.exists()
-    assert "zz_evil_for_test.yaml: a metatoken file is plain data, but it holds # @package _global_, key 'hydra'" in done.stderr
+    assert "evil.yaml: a metatoken file is plain data, but it holds # @package _global_, key 'hydra'" in done.stderr
 
 
 @pytest.mark.parametrize(
