@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import hydra
@@ -23,7 +24,7 @@ register_configs()
 
 def run_stages(cfg: DictConfig) -> None:
     """Run `cfg.stage` (or every stage for `all`); each stage skips itself when its output exists."""
-    from pipeline import evaluate, extend, generate, progress, train
+    from pipeline import evaluate, extend, generate, outputs, progress, train
     from pipeline.job import job_from_config
     from pipeline.metatokens import ConfigError
     from pipeline.models import start_model_path
@@ -42,12 +43,16 @@ def run_stages(cfg: DictConfig) -> None:
         from pipeline.pretrain import check_config
 
         check_config(cfg)  # and the pretrain stream's settings
+    outputs.check_writable(cfg.paths.outputs)
     for name in STAGES if cfg.stage == "all" else (cfg.stage,):
         log.info("stage %s", name)
-        if name in ("generate", "train"):  # every rank works (generate: its shard; train: DDP / ZeRO)
-            progress.run_with_summary(name, modules[name].run, cfg)
-        else:  # extend and evaluate: rank 0 alone, the other ranks wait
-            distributed.on_main(name, progress.run_with_summary, name, modules[name].run, cfg)
+        # rank 0 holds the output's lock: another run of the same stage and config waits for this one
+        lock = outputs.stage_lock(modules[name].output_dir(cfg, job), name) if distributed.is_main() else contextlib.nullcontext()
+        with lock:
+            if name in ("generate", "train"):  # every rank works (generate: its shard; train: DDP / ZeRO)
+                progress.run_with_summary(name, modules[name].run, cfg)
+            else:  # extend and evaluate: rank 0 alone, the other ranks wait
+                distributed.on_main(name, progress.run_with_summary, name, modules[name].run, cfg)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
