@@ -72,11 +72,12 @@ def require(needed: dict[str, Path], by: str) -> None:
 
 
 def lock_path(out_dir: Path) -> Path:
-    return out_dir.with_name(f".{out_dir.name}.lock")
+    """`<outputs>/.locks/<stage>/<name>.lock`: beside the stage folders, not among them."""
+    return out_dir.parent.parent / ".locks" / out_dir.parent.name / f"{out_dir.name}.lock"
 
 
 def _owner_path(out_dir: Path) -> Path:
-    return out_dir.with_name(f".{out_dir.name}.lock.owner")
+    return lock_path(out_dir).with_suffix(".owner")
 
 
 @contextmanager
@@ -88,7 +89,7 @@ def stage_lock(out_dir: Path, stage: str):
     """
     from filelock import FileLock, Timeout
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock_path(out_dir).parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(lock_path(out_dir)))
     try:
         lock.acquire(timeout=0)

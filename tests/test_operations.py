@@ -19,12 +19,12 @@ def test_a_second_run_of_the_same_stage_waits_for_the_first_and_says_who_holds_i
     """Before: two runs of one stage at once wrote into the same .partial folder; one died with FileNotFoundError."""
     cfg = tiny_cfg("stage=generate")
     out = generate.output_dir(cfg, job_from_config(cfg))
-    out.parent.mkdir(parents=True)
+    outputs.lock_path(out).parent.mkdir(parents=True)
     holding = threading.Event()
 
     def hold_for_two_seconds():  # another "run" (a thread: filelock refuses a second lock in the same thread)
         with FileLock(str(outputs.lock_path(out))):
-            out.with_name(f".{out.name}.lock.owner").write_text("pid 4242 on test-host since 2026-01-01T00:00:00\n")
+            outputs.lock_path(out).with_suffix(".owner").write_text("pid 4242 on test-host since 2026-01-01T00:00:00\n")
             holding.set()
             time.sleep(2.0)
 
@@ -52,7 +52,9 @@ def test_list_shows_stale_partial_folders_and_removes_them_on_request(tmp_path):
     (stale / "checkpoints" / "weights.bin").write_bytes(b"x" * 2_000_000)
     running = tmp_path / "outputs" / "generate" / ".kind-abcdefabcd.partial"
     running.mkdir(parents=True)
-    held = FileLock(str(outputs.lock_path(running.with_name("kind-abcdefabcd"))))
+    held_lock = outputs.lock_path(running.with_name("kind-abcdefabcd"))
+    held_lock.parent.mkdir(parents=True)
+    held = FileLock(str(held_lock))
     held.acquire()  # a run in progress: its folder is not stale
     try:
         args = ["--outputs", str(tmp_path / "outputs"), "--tokenizer", ""]
