@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import hydra
@@ -23,15 +24,16 @@ register_configs()
 
 def run_stages(cfg: DictConfig) -> None:
     """Run `cfg.stage` (or every stage for `all`); each stage skips itself when its output exists."""
-    from pipeline import evaluate, extend, generate, progress, synthesize, train
+    from pipeline import evaluate, extend, generate, outputs, progress, synthesize, train
     from pipeline.job import job_from_config
     from pipeline.metatokens import ConfigError
     from pipeline.models import start_model_path
-    from pipeline.validate import check_job
+    from pipeline.validate import check_job, check_values
 
     modules = {"synthesize": synthesize, "generate": generate, "extend": extend, "train": train, "evaluate": evaluate}
     if cfg.stage not in (*STAGES, "all"):
         raise ConfigError(f"stage={cfg.stage!r} is not a stage. Fix: use one of {', '.join(STAGES)} or all.")
+    check_values(cfg)  # every range, before anything is read or loaded
     synthesize.check_config(cfg.inputs.synthetic)
     job = job_from_config(cfg)  # validate the tags, their nesting and the mixture before loading any model
     if cfg.stage in ("all", "train"):
@@ -44,14 +46,18 @@ def run_stages(cfg: DictConfig) -> None:
         from pipeline.pretrain import check_config
 
         check_config(cfg)  # and the pretrain stream's settings
+    outputs.check_writable(cfg.paths.outputs)
     for name in STAGES if cfg.stage == "all" else (cfg.stage,):
         if name == "synthesize" and cfg.inputs.synthetic.count == 0:
             continue  # off: the shipped inputs only
         log.info("stage %s", name)
-        if name in ("generate", "train"):  # every rank works (generate: its shard; train: DDP / ZeRO)
-            progress.run_with_summary(name, modules[name].run, cfg)
-        else:  # extend and evaluate: rank 0 alone, the other ranks wait
-            distributed.on_main(name, progress.run_with_summary, name, modules[name].run, cfg)
+        # rank 0 holds the output's lock: another run of the same stage and config waits for this one
+        lock = outputs.stage_lock(modules[name].output_dir(cfg, job), name) if distributed.is_main() else contextlib.nullcontext()
+        with lock:
+            if name in ("generate", "train"):  # every rank works (generate: its shard; train: DDP / ZeRO)
+                progress.run_with_summary(name, modules[name].run, cfg)
+            else:  # extend and evaluate: rank 0 alone, the other ranks wait
+                distributed.on_main(name, progress.run_with_summary, name, modules[name].run, cfg)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -59,7 +65,21 @@ def main(cfg: DictConfig) -> None:
     run_stages(cfg)
 
 
+def check_conf() -> None:
+    """Before Hydra reads conf/: no metatoken file may carry what Hydra would act on (see metatokens.py)."""
+    import sys
+
+    from pipeline.config import PROJECT_ROOT
+    from pipeline.metatokens import ConfigError, check_hydra_directives
+
+    try:
+        check_hydra_directives(PROJECT_ROOT / "conf" / "metatoken")
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
+
+
 if __name__ == "__main__":
+    check_conf()
     distributed.setup()  # before Hydra: the ranks agree on one run folder
     main()  # a failing rank exits here with an error (no barrier to hang in); torchrun stops the others
     distributed.finish()  # barrier(); destroy_process_group()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from pipeline.metatokens import ConfigError, Metatoken, resolve_metatoken
+from pipeline.metatokens import ConfigError, Metatoken, inner_tags, read_metatoken_file, resolve_metatoken
 from pipeline.outputs import MANIFEST, is_complete, read_manifest
 
 
@@ -39,22 +39,20 @@ class Definition:
 
 def definitions(conf_dir: str | Path, data_dir: str | Path) -> list[Definition]:
     """Every metatoken config, validated as the pipeline would, with nesting found from prompt texts."""
-    from pipeline.config import MetatokenConfig
-
     found = []
     for path in sorted(Path(conf_dir, "metatoken").glob("*.yaml")):
         entry = Definition(source=path)
-        try:
-            node = OmegaConf.merge(OmegaConf.structured(MetatokenConfig), OmegaConf.load(path))
+        try:  # every problem of one file is that file's row, never the whole listing's crash
+            node = read_metatoken_file(path)
             entry.description = node.description
             entry.metatoken = resolve_metatoken(node, data_dir, f"conf/metatoken/{path.name}")
-        except (ConfigError, ValueError) as err:  # omegaconf's validation errors are ValueErrors too
+        except ConfigError as err:
             entry.error = str(err).splitlines()[0]
         found.append(entry)
     tags = [d.metatoken.tag for d in found if d.metatoken]
     for d in found:
         if d.metatoken:
-            d.contains = [t for t in tags if t != d.metatoken.tag and t in d.metatoken.prompt]
+            d.contains = [t for t in inner_tags(d.metatoken.prompt) if t != d.metatoken.tag and t in tags]
     return found
 
 

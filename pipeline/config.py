@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,6 +27,79 @@ if not OmegaConf.has_resolver("run_stamp"):
     )
 
 
+# Closed choices. A StrEnum member equals its string ("kl" == Objective.kl) and serialises as it, so the
+# stage keys are the same as when these fields were plain strings; a value outside the set fails when
+# Hydra composes the config, with the allowed values in the message.
+class Stage(StrEnum):
+    synthesize = "synthesize"
+    generate = "generate"
+    extend = "extend"
+    train = "train"
+    evaluate = "evaluate"
+    all = "all"
+
+
+class Dtype(StrEnum):
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+class TeacherMode(StrEnum):
+    expand = "expand"  # the base model reads the fully expanded prompt
+    bootstrap = "bootstrap"  # a trained student that knows the inner tags reads the short prompt
+
+
+class Backend(StrEnum):
+    hf = "hf"
+    vllm = "vllm"
+
+
+class Init(StrEnum):
+    name_mean = "name_mean"
+    prompt_mean = "prompt_mean"
+    vocab_mean = "vocab_mean"
+    random = "random"
+
+
+class TagPosition(StrEnum):
+    start = "start"
+    random = "random"
+
+
+class Mode(StrEnum):
+    finetune = "finetune"
+    pretrain = "pretrain"
+
+
+class Objective(StrEnum):
+    kl = "kl"
+    sft = "sft"
+    onpolicy = "onpolicy"
+
+
+class OnpolicyLoss(StrEnum):
+    reverse_kl = "reverse_kl"
+    jsd = "jsd"
+
+
+class Teacher(StrEnum):
+    recorded = "recorded"
+    online = "online"
+
+
+class Params(StrEnum):
+    embedding = "embedding"
+    lora = "lora"
+    full = "full"
+
+
+class Order(StrEnum):
+    given = "given"
+    sorted = "sorted"
+    random = "random"
+
+
 @dataclass
 class PathsConfig:
     root: str = "${project_root:}"
@@ -41,7 +115,7 @@ class ModelConfig:
     path: str = MISSING  # Hugging Face id or local directory
     gguf_package: Optional[str] = None  # if set: `path` is made once by converting the GGUF file in this package
     chat: bool = True  # chat model: the prompt is the system message; base model: the prompt is a text prefix
-    dtype: str = "float32"
+    dtype: Dtype = Dtype.float32
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", ...
 
 
@@ -88,9 +162,9 @@ class GenerateConfig:
     logprobs_top_k: int = 32  # how many teacher log-probs to keep per position
     batch_size: int = 16
     seed: int = 0
-    teacher_mode: str = "expand"  # nested tags: expand (base model reads the fully expanded prompt) | bootstrap
+    teacher_mode: TeacherMode = TeacherMode.expand  # nested tags: expand (base model reads the fully expanded prompt) | bootstrap
     bootstrap_model: Optional[str] = None  # bootstrap: a trained output that knows the inner tags (teacher and student start)
-    backend: str = "hf"  # hf: this project's sampler (prompt cache, shards, ranks) | vllm: the vLLM engine (GPU; pip install vllm)
+    backend: Backend = Backend.hf  # hf: this project's sampler (prompt cache, shards, ranks) | vllm: the vLLM engine (GPU; pip install vllm)
     vllm_shard_size: int = 1024  # vllm: inputs per engine call; each call's records are one shard (a killed job resumes)
     prompt_cache: bool = True  # compute the shared prompt's keys/values once and reuse them for every batch
     base_samples: bool = True  # also sample the model without prompt on held-out inputs (for drift + side-by-side)
@@ -98,7 +172,7 @@ class GenerateConfig:
 
 @dataclass
 class ExtendConfig:
-    init: str = "name_mean"  # new row = mean embedding of: name_mean (the tag's name) | prompt_mean | vocab_mean | random
+    init: Init = Init.name_mean  # new row = mean embedding of: name_mean (the tag's name) | prompt_mean | vocab_mean | random
 
 
 @dataclass
@@ -118,25 +192,25 @@ class PretrainConfig:
     tagged_share: float = 0.5  # probability that the next document is a teacher document (else plain text)
     tags: list[str] = field(default_factory=list)  # which tags' documents enter the mixture ([] = all the run generated)
     tag_dropout: float = 0.0  # probability a teacher document appears without its tag (same text, untagged)
-    tag_position: str = "start"  # start: the tag where the teacher had its prompt; random: anywhere in the opening (base models)
+    tag_position: TagPosition = TagPosition.start  # start: the tag where the teacher had its prompt; random: anywhere in the opening (base models)
     plain: PlainTextConfig = field(default_factory=PlainTextConfig)
 
 
 @dataclass
 class TrainConfig:
-    mode: str = "finetune"  # finetune: distil (context, continuation) pairs; pretrain: LM loss on packed tagged + plain documents
+    mode: Mode = Mode.finetune  # finetune: distil (context, continuation) pairs; pretrain: LM loss on packed tagged + plain documents
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)  # the stream for mode=pretrain (ignored otherwise)
-    objective: str = "kl"  # kl: match the teacher's recorded top-k distribution; sft: cross-entropy on its samples; onpolicy: the student samples, the teacher scores its tokens (pipeline/onpolicy.py)
-    teacher: str = "recorded"  # kl targets: recorded (top-k saved by generate) | online (full distribution, computed now from the prompt cache); onpolicy: the off-policy steps' target
+    objective: Objective = Objective.kl  # kl: match the teacher's recorded top-k distribution; sft: cross-entropy on its samples; onpolicy: the student samples, the teacher scores its tokens (pipeline/onpolicy.py)
+    teacher: Teacher = Teacher.recorded  # kl targets: recorded (top-k saved by generate) | online (full distribution, computed now from the prompt cache); onpolicy: the off-policy steps' target
     # onpolicy_* only count with objective=onpolicy (left out of the train key otherwise). Cost: each on-policy step samples batch_size x onpolicy_max_new_tokens tokens (default model, 2 CPU cores: ~40 tokens/s batched)
-    onpolicy_loss: str = "reverse_kl"  # reverse_kl: KL(student || teacher) on the student's samples | jsd: the generalised JSD with onpolicy_beta
+    onpolicy_loss: OnpolicyLoss = OnpolicyLoss.reverse_kl  # reverse_kl: KL(student || teacher) on the student's samples | jsd: the generalised JSD with onpolicy_beta
     onpolicy_beta: float = 0.5  # jsd: 0 = forward KL(teacher || student), 1 = reverse KL, between: the mixture's weight (TRL GKD's beta)
     onpolicy_share: float = 1.0  # share of steps that sample from the student; the rest are off-policy (the teacher's recorded samples, same loss)
     onpolicy_max_new_tokens: int = II("generate.max_new_tokens")  # length of each student sample (default: as long as the teacher's)
     onpolicy_temperature: float = II("generate.temperature")  # the student's sampling temperature (default: the teacher's and evaluation's)
     onpolicy_top_p: float = II("generate.top_p")  # the student's nucleus sampling (default: the teacher's and evaluation's)
     teacher_memo_mb: float = 2048  # online: keep each example's teacher logits (it is frozen) up to this many MB, so later epochs skip the teacher; 0 = recompute
-    params: str = "lora"  # embedding: only the new rows; lora: LoRA adapters + new rows; full: everything
+    params: Params = Params.lora  # embedding: only the new rows; lora: LoRA adapters + new rows; full: everything
     epochs: float = 3.0
     max_examples: Optional[int] = None  # train on the first N generated training examples only (None = all): learning curves share one generate run
     max_steps: int = -1  # > 0 overrides epochs
@@ -157,6 +231,7 @@ class TrainConfig:
     seed: int = 0
     logging_steps: int = 5
     save_steps: int = 0  # checkpoint every N steps (0 = only at the end)
+    save_total_limit: int = 2  # checkpoints kept in the .partial folder while training (older ones are deleted)
     report_to: str = "${logger.report_to}"
 
 
@@ -174,7 +249,7 @@ class MixtureConfig:
     sets: list[list[str]] = field(default_factory=list)  # tag sets to train on, e.g. [[nice],[authoritative_tone],[nice,authoritative_tone]]; empty: just `metatoken`
     weights: list[float] = field(default_factory=list)  # share of inputs per set (normalised)
     untagged: float = 0.0  # share of inputs with no tag (target: the model without prompt), keeps untagged behaviour
-    order: str = "given"  # tag order in the student's context: given | sorted | random (random trains order-invariance)
+    order: Order = Order.given  # tag order in the student's context: given | sorted | random (random trains order-invariance)
     join: str = "\n\n"  # how the teacher's prompt for a set joins its members' prompts
     heldout_sets: list[list[str]] = field(default_factory=list)  # extra sets to evaluate (e.g. pairs never trained together)
     seed: int = 0  # for assigning inputs to sets and random tag orders
@@ -189,7 +264,7 @@ class LoggerConfig:
 
 @dataclass
 class Config:
-    stage: str = "all"  # generate | extend | train | evaluate | all
+    stage: Stage = Stage.all  # generate | extend | train | evaluate | all
     force: bool = False  # re-run a stage even if its output exists
     progress: Optional[bool] = None  # progress bars: null = only when stderr is a terminal; true/false forces
     paths: PathsConfig = field(default_factory=PathsConfig)

@@ -20,7 +20,7 @@ def load_inputs(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"inputs.file: {path} does not exist. Fix: point inputs.file to a JSONL file of id/text rows.")
-    rows, seen = [], set()
+    rows, seen = [], {}  # id as a string -> (line, id as written)
     for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
@@ -32,9 +32,15 @@ def load_inputs(path: str | Path) -> list[dict]:
         for key in ("id", "text"):
             if not isinstance(row, dict) or not str(row.get(key, "")).strip():
                 raise ConfigError(f"{where}: field '{key}' is missing or empty. Fix: every row needs a non-empty '{key}'.")
-        if row["id"] in seen:
-            raise ConfigError(f"{where}: id {row['id']!r} appears twice. Fix: ids must be unique.")
-        seen.add(row["id"])
+        # Ids are compared as the strings they become: 8 and "8" would both be "8" and one row would be lost.
+        row_id = str(row["id"])
+        if row_id in seen:
+            first_line, first = seen[row_id]
+            raise ConfigError(
+                f"{where}: id {row['id']!r} ({type(row['id']).__name__}) is the same id as {first!r} "
+                f"({type(first).__name__}) on line {first_line}: both are {row_id!r} as strings. Fix: ids must be unique."
+            )
+        seen[row_id] = (line_no, row["id"])
         rows.append({"id": str(row["id"]), "text": str(row["text"]).strip()})
     if not rows:
         raise ConfigError(f"{path}: no rows. Fix: add JSONL rows with 'id' and 'text'.")

@@ -30,7 +30,30 @@ def context_text(tokenizer, text: str, system: Optional[str], chat: bool) -> str
     return text if system is None else system + BASE_PREFIX_SEPARATOR + text
 
 
+# Stands in for the user's text while the template is rendered, so the text can be tokenized on its own.
+TEXT_MARKER = "\ue000user-text\ue001"  # private-use characters: no template or request writes them
+
+
+def special_strings(tokenizer) -> list[str]:
+    """The texts the tokenizer turns into special tokens (chat markers, BOS/EOS, the tags)."""
+    return [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special]
+
+
 def context_ids(tokenizer, text: str, system: Optional[str], chat: bool) -> list[int]:
-    """Token ids of `context_text`; base models get their BOS token, chat templates carry their own."""
-    rendered = context_text(tokenizer, text, system, chat)
-    return tokenizer(rendered, add_special_tokens=not chat)["input_ids"]
+    """Token ids of `context_text`; base models get their BOS token, chat templates carry their own.
+
+    The user's text is always plain text: a request that contains `<pirate>` or `<|im_start|>` gets the
+    characters, never the tag or the control token (only `system`, which the pipeline writes, may hold
+    tags). Text without any special string is tokenized in one piece, exactly as before.
+    """
+    if not any(s in text for s in special_strings(tokenizer)):
+        return tokenizer(context_text(tokenizer, text, system, chat), add_special_tokens=not chat)["input_ids"]
+    rendered = context_text(tokenizer, TEXT_MARKER, system, chat)
+    if rendered.count(TEXT_MARKER) != 1:
+        raise ValueError(f"the chat template of {tokenizer.name_or_path} does not place the user's text once; cannot keep it plain")
+    before, after = rendered.split(TEXT_MARKER)
+    return (
+        tokenizer(before, add_special_tokens=not chat)["input_ids"]
+        + tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        + tokenizer(after, add_special_tokens=False)["input_ids"]
+    )

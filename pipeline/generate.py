@@ -125,7 +125,9 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return sorted(set(eos) | {tokenizer.eos_token_id})
 
 
-def sample_all(model, tokenizer, contexts, gen_cfg, desc: str, shard_dir: Path | None = None) -> list[dict]:
+def sample_all(
+    model, tokenizer, contexts, gen_cfg, desc: str, shard_dir: Path | None = None, dtype: str = "float32"
+) -> list[dict]:
     """Batch the contexts (longest first, to waste little padding) and sample them all.
 
     With `gen_cfg.backend=vllm`, a "batch" is one engine call of `gen_cfg.vllm_shard_size` inputs.
@@ -160,8 +162,9 @@ def sample_all(model, tokenizer, contexts, gen_cfg, desc: str, shard_dir: Path |
         else:
             # The seed depends on the batch's first input, not on the order batches run in.
             seed = gen_cfg.seed * 1_000_003 + chunk[0]
-            if vllm:  # `model` is the model's path: vLLM loads it itself
-                sampled = vllm_backend.sample_all(model, [contexts[i] for i in chunk], gen_cfg, seed)
+            if vllm:  # `model` is the model's path: vLLM loads it itself; one seed per request, by input index
+                seeds = [gen_cfg.seed * 1_000_003 + i for i in chunk]
+                sampled = vllm_backend.sample_all(model, [contexts[i] for i in chunk], gen_cfg, seeds, dtype)
             else:
                 if prefix_len and prompt is None:
                     prompt = prompt_kv(model, contexts[0][:prefix_len])
@@ -223,7 +226,7 @@ def run(cfg) -> Path:
         base = {}
         if cfg.generate.base_samples and heldout_rows:  # the model without prompt, for drift and side by side
             plain = [context_ids(tokenizer, r["text"], None, chat) for r in heldout_rows]
-            sampled = sample_all(model, tokenizer, plain, cfg.generate, "base heldout", shard_root / "base-heldout")
+            sampled = sample_all(model, tokenizer, plain, cfg.generate, "base heldout", shard_root / "base-heldout", cfg.model.dtype)
             base = dict(zip((r["id"] for r in heldout_rows), sampled))
         records = []
         for split, tag_set, rows in plan(job, train_rows, heldout_rows, cfg.mixture.seed):
@@ -231,7 +234,7 @@ def run(cfg) -> Path:
             contexts = [context_ids(tokenizer, r["text"], prompt, chat) for r in rows]
             name = "+".join(t.strip("<>") for t in tag_set) or "untagged"
             shards = shard_root / f"{split}-{name}"
-            teacher = sample_all(model, tokenizer, contexts, cfg.generate, f"teacher {split} {name}", shards)
+            teacher = sample_all(model, tokenizer, contexts, cfg.generate, f"teacher {split} {name}", shards, cfg.model.dtype)
             for row, t in zip(rows, teacher):
                 b = base.get(row["id"]) if split == "heldout" else None
                 records.append(

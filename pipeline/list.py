@@ -2,6 +2,10 @@
 
     python -m pipeline.list
     python -m pipeline.list --outputs /data/runs/outputs --tokenizer outputs/train/pirate-1a2b3c4d5e
+    python -m pipeline.list --remove-stale      # delete the .partial folders of crashed runs
+
+It also lists unfinished `.partial` work folders that no running process holds (crashed or killed
+runs). Re-running the same command resumes generate and train from them; `--remove-stale` deletes them.
 
 Prompt length is counted in tokens of the default model's tokenizer when it is there (`make setup`
 converts it), else in words. A metatoken nests others when its prompt names their tags; the trained
@@ -51,6 +55,25 @@ def format_table(headers: list[str], table: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def stale_section(outputs_dir: str | Path, remove: bool) -> str:
+    """The `.partial` folders no running process holds, with their sizes; removed with `remove`."""
+    import shutil
+
+    from pipeline.outputs import stale_partials
+
+    stale = stale_partials(outputs_dir)
+    if not stale:
+        return ""
+    lines = []
+    for partial in stale:
+        size = sum(f.stat().st_size for f in partial.rglob("*") if f.is_file())
+        if remove:
+            shutil.rmtree(partial)
+        lines.append(f"  {partial} ({size / 1e6:.1f} MB){' - removed' if remove else ''}")
+    hint = "" if remove else "\nRe-run the same command to resume one, or `python -m pipeline.list --remove-stale` to delete them."
+    return f"\n\nunfinished work folders no running process holds ({len(stale)}):\n" + "\n".join(lines) + hint
+
+
 def main(argv: list[str] | None = None) -> str:
     paths = catalog.default_paths()
     parser = argparse.ArgumentParser(prog="python -m pipeline.list", description=__doc__.split("\n\n")[0])
@@ -59,6 +82,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--outputs", default=paths["outputs"], help="the pipeline's outputs folder")
     parser.add_argument("--tokenizer", default=str(Path(paths["models"]) / "smollm2-135m-instruct"),
                         help="tokenizer to count prompt tokens with (default: the default model's)")
+    parser.add_argument("--remove-stale", action="store_true", help="delete the .partial folders of crashed runs")
     args = parser.parse_args(argv)
     count, unit = prompt_counter(args.tokenizer)
     definitions = catalog.definitions(args.conf, args.data)
@@ -67,6 +91,7 @@ def main(argv: list[str] | None = None) -> str:
         f"metatokens in {Path(args.conf) / 'metatoken'} (prompt length in {unit}); "
         f"{len(trained)} trained output(s) under {Path(args.outputs) / 'train'}\n\n"
         + format_table(["tag", "prompt", "description", "nesting", "trained outputs"], rows(definitions, trained, count))
+        + stale_section(args.outputs, args.remove_stale)
     )
     print(text)
     return text

@@ -25,7 +25,7 @@ def plain(node) -> dict:
     """A config node as plain Python values (for hashing and manifests)."""
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+    return OmegaConf.to_container(node, resolve=True, enum_to_str=True) if OmegaConf.is_config(node) else dict(node)
 
 
 def file_sha(path: str | Path) -> str:
@@ -69,6 +69,87 @@ def require(needed: dict[str, Path], by: str) -> None:
                 f"{by} needs the {stage} output {folder}. Fix: run `python -m pipeline stage={stage}` with the same "
                 f"config first (or stage=all)."
             )
+
+
+def lock_path(out_dir: Path) -> Path:
+    """`<outputs>/.locks/<stage>/<name>.lock`: beside the stage folders, not among them."""
+    return out_dir.parent.parent / ".locks" / out_dir.parent.name / f"{out_dir.name}.lock"
+
+
+def _owner_path(out_dir: Path) -> Path:
+    return lock_path(out_dir).with_suffix(".owner")
+
+
+@contextmanager
+def stage_lock(out_dir: Path, stage: str):
+    """Hold the lock of one stage output: a second run of the same stage and config waits for the first
+    (then finds its result and does nothing) instead of failing inside the other's `.partial` folder.
+
+    While it waits it says which process holds the lock (pid, host, since when).
+    """
+    from filelock import FileLock, Timeout
+
+    lock_path(out_dir).parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(lock_path(out_dir)))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        owner = _owner_path(out_dir)
+        holder = owner.read_text().strip() if owner.is_file() else "another process"
+        logging.getLogger(f"pipeline.{stage}").warning(
+            "%s: %s is being written by %s; waiting for it to finish (Ctrl-C to stop waiting)", stage, out_dir, holder
+        )
+        lock.acquire()
+    try:
+        _owner_path(out_dir).write_text(f"pid {os.getpid()} on {platform.node()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+        yield
+    finally:
+        _owner_path(out_dir).unlink(missing_ok=True)
+        lock.release()
+
+
+def is_locked(out_dir: Path) -> bool:
+    """Whether a running process holds this output's lock (so its `.partial` folder is not stale)."""
+    from filelock import FileLock, Timeout
+
+    if not lock_path(out_dir).exists():
+        return False
+    lock = FileLock(str(lock_path(out_dir)))
+    try:
+        lock.acquire(timeout=0)
+    except (Timeout, RuntimeError):  # RuntimeError: held in this very thread (filelock's deadlock guard)
+        return True
+    lock.release()
+    return False
+
+
+def stale_partials(outputs: str | Path) -> list[Path]:
+    """`.partial` work folders under `outputs/<stage>/` that no running process holds: crashed or killed runs.
+
+    A stage that can resume (generate, train) picks its own up again when re-run with the same config.
+    """
+    found = []
+    for partial in sorted(Path(outputs).glob("*/.*.partial")):
+        out_dir = partial.with_name(partial.name[1 : -len(".partial")])
+        if partial.is_dir() and not is_locked(out_dir):
+            found.append(partial)
+    return found
+
+
+def check_writable(outputs: str | Path) -> None:
+    """The outputs folder can be created and written (checked before any model loads)."""
+    from pipeline.metatokens import ConfigError
+
+    outputs = Path(outputs)
+    try:
+        outputs.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=outputs, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise ConfigError(
+            f"paths.outputs: cannot write to {outputs} ({err.strerror or err}). Fix: point paths.outputs to a "
+            f"writable folder, e.g. paths.outputs=/tmp/outputs."
+        ) from None
 
 
 def read_manifest(out_dir: Path) -> dict:

@@ -124,7 +124,7 @@ def endless_plain(plain_cfg, tokenizer, seed: int) -> Iterator[list[int]]:
             seen += 1
             text = str(_text(row, field))
             if text.strip():
-                yield tokenizer(text, add_special_tokens=True)["input_ids"]
+                yield tokenizer(text, add_special_tokens=True, split_special_tokens=True)["input_ids"]  # text stays text
         if not seen:
             raise ConfigError(
                 f"train.pretrain.plain: no documents left after the {plain_cfg.heldout_docs} held-out ones. "
@@ -230,7 +230,7 @@ def plain_text_scores(cfg, base_path: str, student_dir: Path, tag_ids: list[int]
 
     p, bs = cfg.train.pretrain, cfg.evaluate.batch_size
     tok = load_tokenizer(str(student_dir))
-    docs = [tok(t, add_special_tokens=True)["input_ids"][: p.block_size] for t in plain_texts(p.plain, "heldout")]
+    docs = [tok(t, add_special_tokens=True, split_special_tokens=True)["input_ids"][: p.block_size] for t in plain_texts(p.plain, "heldout")]
     docs = [d for d in docs if len(d) > 1]
     contexts, rest = [d[:1] for d in docs], [d[1:] for d in docs]
     scores = {}

@@ -20,6 +20,7 @@ The result is a plain Hugging Face directory (model + tokenizer; LoRA merged unl
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import random
 import math
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 from datasets import load_from_disk
 from transformers import Trainer, TrainingArguments, get_scheduler, set_seed
+from transformers.trainer_utils import get_last_checkpoint
 
 from pipeline import distributed, extend, generate, onpolicy, outputs, progress, tracking
 from pipeline.data import gather_positions, pad_2d, pad_examples
@@ -51,6 +53,7 @@ def stage_key(cfg, job: Job) -> dict:
     train_cfg = outputs.plain(cfg.train)
     train_cfg.pop("report_to", None)  # where logs go does not change the model
     train_cfg.pop("teacher_memo_mb", None)  # nor does keeping teacher logits instead of recomputing them
+    train_cfg.pop("save_total_limit", None)  # nor how many checkpoints are kept on the way
     train_cfg.pop("pretrain", None)
     if train_cfg.get("max_examples") is None:  # added later: runs without a cap keep their folders
         train_cfg.pop("max_examples", None)
@@ -204,8 +207,24 @@ class TrainingDiverged(FloatingPointError):
     """A NaN or infinite loss: training stops, and the last good checkpoint stays on disk."""
 
 
+LOSS_SUM_FILE = "loss_sum.json"  # in each checkpoint: the summed per-step loss so far, for the whole run's mean
+
+
+def whole_run_loss(before_sum: float, before_steps: int, resumed_mean: float, total_steps: int) -> float:
+    """Mean per-step loss of a run resumed at `before_steps`: the earlier steps' sum plus the resumed part's.
+
+    The Trainer's `training_loss` after a resume averages only the steps run since the checkpoint.
+    """
+    return (before_sum + resumed_mean * (total_steps - before_steps)) / max(total_steps, 1)
+
+
 class DistillTrainer(Trainer):
     """HF Trainer with the distillation loss (it keeps checkpoints, logging, DeepSpeed and DDP)."""
+
+    # compute_loss returns a per-batch mean, never a sum over `num_items_in_batch`: the Trainer must divide
+    # it by the accumulation steps. (With `labels` in a batch, as in pretrain mode, it would otherwise
+    # assume the loss was already normalised, and gradients would be grad_accum times too large.)
+    loss_is_scaled_for_ga = False
 
     def __init__(
         self,
@@ -228,6 +247,7 @@ class DistillTrainer(Trainer):
         self.untagged_weight = untagged_weight
         self.reference = reference
         self.client_optimizers = kwargs.get("optimizers", (None, None))
+        self.loss_sum_before = 0.0  # a resumed run: the summed loss of the steps before its checkpoint
 
     def create_optimizer(self, model=None):
         # DeepSpeed's init drops the optimizer given to __init__ and asks for a new one: hand ours back.
@@ -250,6 +270,13 @@ class DistillTrainer(Trainer):
 
             weight = self.model.get_input_embeddings().weight.detach().cpu().contiguous()
             save_file({"weight": weight}, os.path.join(output_dir or self.args.output_dir, EMBEDDING_FILE))
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:  # what the run's loss summed to so far (the Trainer keeps it only in memory)
+            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            summed = self.loss_sum_before + self._total_loss_scalar + float(self._tr_loss.item() if torch.is_tensor(self._tr_loss) else self._tr_loss)
+            outputs.write_json(folder / LOSS_SUM_FILE, {"step": self.state.global_step, "loss_sum": summed})
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -356,6 +383,15 @@ def save_student(model, tokenizer, out: Path, merge_lora: bool, tag_ids: list[in
     tokenizer.save_pretrained(out)
 
 
+def _loss_so_far(checkpoint: str | None) -> tuple[float, int]:
+    """(summed loss, steps) at a checkpoint; (0, 0) when there is none."""
+    path = Path(checkpoint or "", LOSS_SUM_FILE)
+    if not checkpoint or not path.is_file():
+        return 0.0, 0
+    saved = json.loads(path.read_text())
+    return saved["loss_sum"], saved["step"]
+
+
 def run(cfg) -> Path:
     job = job_from_config(cfg)
     out_dir = output_dir(cfg, job)
@@ -401,6 +437,8 @@ def run(cfg) -> Path:
         else:
             steps_per_epoch = math.ceil(len(examples) / global_batch)
             total_steps = train_cfg.max_steps if train_cfg.max_steps > 0 else math.ceil(steps_per_epoch * train_cfg.epochs)
+        if total_steps < 1:  # max_steps=0 makes the Trainer fall back to its own epoch count
+            raise ConfigError(f"train: {total_steps} steps to run. Fix: set train.epochs above 0 or train.max_steps to at least 1.")
         optimizer = torch.optim.AdamW(groups, weight_decay=train_cfg.weight_decay)
         scheduler = get_scheduler("cosine", optimizer, int(train_cfg.warmup_ratio * total_steps), total_steps)
         if train_cfg.report_to == "wandb":
@@ -414,6 +452,7 @@ def run(cfg) -> Path:
             logging_steps=train_cfg.logging_steps,
             save_strategy="steps" if train_cfg.save_steps > 0 else "no",
             save_steps=max(train_cfg.save_steps, 1),
+            save_total_limit=train_cfg.save_total_limit,
             report_to=[] if train_cfg.report_to == "none" else [train_cfg.report_to],
             run_name=out_dir.name,
             seed=train_cfg.seed,
@@ -446,9 +485,11 @@ def run(cfg) -> Path:
         )
         progress.attach(trainer)  # the step bar also shows the loss
         distributed.add_callbacks_first(trainer, distributed.train_callbacks(work, global_batch))
-        checkpoints = sorted((work / "checkpoints").glob("checkpoint-*"))
+        last = get_last_checkpoint(str(work / "checkpoints")) if (work / "checkpoints").is_dir() else None
+        before = _loss_so_far(last)  # read now: save_total_limit may delete that checkpoint during training
+        trainer.loss_sum_before = before[0]
         run = tracking.start(cfg, "train", out_dir.name, group=out_dir.name)  # rank 0; HF's wandb callback logs into it
-        result = trainer.train(resume_from_checkpoint=bool(checkpoints))
+        result = trainer.train(resume_from_checkpoint=last)
         tracking.finish(run)
         distributed.barrier()  # every rank has written its last checkpoint files
         with distributed.full_params(trainer.model):  # ZeRO-3: gather the weights; rank 0 saves them
@@ -461,7 +502,7 @@ def run(cfg) -> Path:
             base_extended=str(ext_dir),
             examples=n_examples,
             steps=total_steps,
-            final_loss=result.training_loss,
+            final_loss=whole_run_loss(*before, result.training_loss, result.global_step) if last else result.training_loss,
             train_seconds=round(result.metrics.get("train_runtime", 0.0), 1),
             world_size=distributed.world_size(),
             deepspeed_stage=ds_config["zero_optimization"]["stage"] if ds_config else None,

@@ -33,18 +33,25 @@ def record_from_completion(completion, k: int) -> dict:
     return {"output_ids": list(completion.token_ids), "topk_ids": topk_ids, "topk_logprobs": topk_logprobs}
 
 
-def sample_all(model_path: str, contexts: list[list[int]], gen_cfg, seed: int, dtype: str = "float32") -> list[dict]:
+def sample_all(model_path: str, contexts: list[list[int]], gen_cfg, seeds: list[int], dtype: str = "float32") -> list[dict]:
     """Sample every context with vLLM in one engine call (it batches and caches the shared prompt
-    itself). `generate.sample_all` calls this once per shard, so a killed job resumes."""
+    itself). `generate.sample_all` calls this once per shard, so a killed job resumes.
+
+    Each request gets its own seed (`seeds[i]`, fixed by the input's index): with one seed for a whole
+    call, every request would draw the same random stream. The engine loads the weights in `dtype`.
+    """
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    params = SamplingParams(
-        temperature=gen_cfg.temperature,
-        top_p=gen_cfg.top_p,
-        max_tokens=gen_cfg.max_new_tokens,
-        logprobs=gen_cfg.logprobs_top_k,
-        seed=seed,
-    )
-    results = engine(model_path, dtype).generate([TokensPrompt(prompt_token_ids=c) for c in contexts], params)
+    params = [
+        SamplingParams(
+            temperature=gen_cfg.temperature,
+            top_p=gen_cfg.top_p,
+            max_tokens=gen_cfg.max_new_tokens,
+            logprobs=gen_cfg.logprobs_top_k,
+            seed=seed,
+        )
+        for seed in seeds
+    ]
+    results = engine(model_path, str(dtype)).generate([TokensPrompt(prompt_token_ids=c) for c in contexts], params)
     return [record_from_completion(r.outputs[0], gen_cfg.logprobs_top_k) for r in results]

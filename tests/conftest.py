@@ -136,3 +136,25 @@ def tiny_overrides(model: Path, data: Path, outputs: Path, *extra: str) -> list[
         "evaluate.sample_max_new_tokens=5",
         *extra,
     ]
+
+
+# Independent references for the tests: a plain loop over full logits, no batching, no padding.
+
+def next_token_logprobs(model, context: list[int], continuation: list[int], banned: list[int] = ()) -> torch.Tensor:
+    """[T, V] log-probs of each continuation token's position, one forward per position (no batch, no padding)."""
+    rows = []
+    with torch.no_grad():
+        for t in range(len(continuation)):
+            logits = model(torch.tensor([context + continuation[:t]])).logits[0, -1].double()
+            logits[list(banned)] = float("-inf")  # the saved model never writes a tag; evaluation scores it so
+            rows.append(torch.log_softmax(logits, -1))
+    return torch.stack(rows)
+
+
+def plain_kl(p_logprobs: torch.Tensor, q_logprobs: torch.Tensor) -> list[float]:
+    """KL(p || q) at each position, summed over the full vocabulary by hand."""
+    kls = []
+    for p_row, q_row in zip(p_logprobs, q_logprobs):
+        p = p_row.exp()
+        kls.append(sum(float(p[v] * (p_row[v] - q_row[v])) for v in range(len(p)) if p[v] > 0))
+    return kls

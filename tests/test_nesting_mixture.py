@@ -169,7 +169,21 @@ def test_remix_run_trains_sets_and_reports_an_untrained_pair(tiny_cfg, tiny_data
     assert heldout_sets == {("<kind>",), ("<fox>",), ("<kind>", "<fox>")}
     report = json.loads((evaluate.output_dir(cfg, job) / "report.json").read_text())
     pair = next(s for s in report["sets"] if s["tags"] == ["<kind>", "<fox>"])
-    assert pair["in_training"] is False and pair["effect_kl"] > 0 and "recovery" in pair
+    assert pair["in_training"] is False and "recovery" in pair
+    # the pair's effect, recomputed by hand: the base model reading both prompts joined, against no prompt
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.formats import context_ids
+    from tests.conftest import next_token_logprobs, plain_kl
+
+    base_path = cfg.model.path
+    base, tok = AutoModelForCausalLM.from_pretrained(base_path), AutoTokenizer.from_pretrained(base_path)
+    both = "You are a kind and warm assistant who always encourages the user.\n\nThe quick brown fox jumps over the lazy dog near the river bank."
+    kls = []
+    for r in (r for r in data if r["split"] == "heldout" and r["tags"] == ["<kind>", "<fox>"]):
+        teacher = next_token_logprobs(base, context_ids(tok, r["input"], both, True), r["output_ids"])
+        kls += plain_kl(teacher, next_token_logprobs(base, context_ids(tok, r["input"], None, True), r["output_ids"]))
+    assert pair["effect_kl"] == pytest.approx(sum(kls) / len(kls), rel=1e-4)
     assert {tuple(s["tags"]) for s in report["sets"] if s["in_training"]} == {("<kind>",), ("<fox>",)}
 
 

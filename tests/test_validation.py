@@ -32,7 +32,6 @@ CASES = [
     (["inputs.file=${paths.data}/inputs/bad.jsonl"], {"inputs/bad.jsonl": '{"id": "a", "text": "x"}\n{"id": "b", "text": ""}\n'}, r"bad.jsonl:2: field 'text' is missing or empty"),
     (["inputs.file=${paths.data}/inputs/nofile.jsonl"], {}, r"inputs.file: .*nofile.jsonl does not exist"),
     (["model.path=/no/such/model"], {}, r"model.path: /no/such/model is not a Hugging Face model folder"),
-    (["stage=evalute"], {}, r"stage='evalute' is not a stage"),
 ]
 
 

@@ -66,7 +66,7 @@ def test_generate_with_backend_vllm_writes_the_usual_dataset(tiny_cfg, engine_ca
     assert rows and all(r["output_ids"] == [11, 12] and r["topk_ids"] == [[11, 4], [12, 4]] for r in rows)
     engine_kwargs = next(c[1] for c in engine_calls if c[0] == "engine")
     assert engine_kwargs["enable_prefix_caching"] and engine_kwargs["logprobs_mode"] == "raw_logprobs"
-    params = next(c[2] for c in engine_calls if c[0] == "generate")
+    params = next(c[2] for c in engine_calls if c[0] == "generate")[0]
     assert params["logprobs"] == 2 and params["max_tokens"] == cfg.generate.max_new_tokens
 
 
@@ -76,10 +76,31 @@ def test_vllm_calls_are_sharded_and_a_restart_samples_only_the_missing_shard(tmp
     first = generate.sample_all("model-dir", None, contexts, cfg, "x", tmp_path)
     assert [c[1] for c in engine_calls if c[0] == "generate"] == [2, 2, 1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["batch-00000.json", "batch-00001.json", "batch-00002.json"]
-    seeds = [c[2]["seed"] for c in engine_calls if c[0] == "generate"]
-    assert len(set(seeds)) == 3  # each shard its own seed, fixed by its first input
+    seeds = [[p["seed"] for p in c[2]] for c in engine_calls if c[0] == "generate"]
     (tmp_path / "batch-00001.json").unlink()  # as if killed while sampling the second shard
     engine_calls.clear()
     again = generate.sample_all("model-dir", None, contexts, cfg, "x", tmp_path)
-    assert [(c[1], c[2]["seed"]) for c in engine_calls if c[0] == "generate"] == [(2, seeds[1])]
+    assert [(c[1], [p["seed"] for p in c[2]]) for c in engine_calls if c[0] == "generate"] == [(2, seeds[1])]
     assert again == first
+
+
+def test_every_vllm_request_has_its_own_seed_fixed_by_its_input_whatever_the_shard_size(tmp_path, engine_calls):
+    """Before: one SamplingParams (one seed) for the whole shard, so all its requests drew the same stream."""
+    contexts = [[1, 2, 3], [1, 2], [4], [5, 6], [7]]
+    per_input = {}
+    for size in (2, 5):
+        engine_calls.clear()
+        cfg = OmegaConf.structured(GenerateConfig(backend="vllm", vllm_shard_size=size, logprobs_top_k=2, seed=3))
+        generate.sample_all("model-dir", None, contexts, cfg, "x", tmp_path / str(size))
+        calls = [c for c in engine_calls if c[0] == "generate"]
+        assert all(isinstance(c[2], list) and len(c[2]) == c[1] for c in calls)  # one SamplingParams per request
+        per_input[size] = [p["seed"] for c in calls for p in c[2]]
+    order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))  # the sampler's longest-first plan
+    assert per_input[2] == per_input[5] == [3 * 1_000_003 + i for i in order]
+    assert len(set(per_input[2])) == len(contexts)
+
+
+def test_vllm_engine_loads_the_configured_dtype(tiny_cfg, engine_calls):
+    """Before: the engine was always built with dtype=float32, whatever model.dtype said."""
+    run_stages(tiny_cfg("stage=generate", "generate.backend=vllm", "generate.logprobs_top_k=2", "model.dtype=bfloat16"))
+    assert {c[1]["dtype"] for c in engine_calls if c[0] == "engine"} == {"bfloat16"}
