@@ -46,11 +46,19 @@ class ModelConfig:
 
 
 @dataclass
+class ProbeConfig:
+    kind: str = ""  # regex | words | lowercase (pipeline/probes.py)
+    pattern: Optional[str] = None  # regex: what to count (case-insensitive)
+    per: str = "100_words"  # regex: matches per 100_words or per answer
+
+
+@dataclass
 class MetatokenConfig:
     tag: str = MISSING  # the token text, e.g. "<nice>"; must look like <name>
     prompt: Optional[str] = None  # the prompt the tag stands for, inline ...
     prompt_file: Optional[str] = None  # ... or a text file, relative to paths.data (real prompts are long)
     description: str = ""  # one line for listings
+    probe: Optional[ProbeConfig] = None  # a behaviour the prompt causes, counted in sampled answers (evaluate only; in no stage key)
 
 
 @dataclass

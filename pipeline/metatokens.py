@@ -28,6 +28,7 @@ class Metatoken:
     prompt: str  # the text the tag stands for, as written (it may mention other tags)
     source: str  # the file that defined it (for error messages and manifests)
     expanded: str = ""  # the prompt with every inner tag replaced, recursively, by its own prompt
+    probe: object = None  # a probes.Probe: a behaviour counted in sampled answers (evaluate only)
 
     def __post_init__(self):
         if not self.expanded:  # a prompt without inner tags is its own expansion
@@ -80,7 +81,9 @@ def resolve_metatoken(cfg, data_dir: str | Path, source: str = "conf/metatoken/?
             f"{source}: the prompt of {tag} is empty. Fix: set 'prompt' to the text the tag stands for, "
             f"or 'prompt_file' to a non-empty file under {data_dir}."
         )
-    return Metatoken(tag=tag, prompt=prompt, source=source, expanded=prompt)
+    from pipeline.probes import probe_from_config  # probes raise this module's ConfigError
+
+    return Metatoken(tag=tag, prompt=prompt, source=source, expanded=prompt, probe=probe_from_config(cfg.get("probe"), source))
 
 
 def metatoken_source() -> str:
