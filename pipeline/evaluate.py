@@ -174,8 +174,7 @@ def run(cfg) -> Path:
         from pipeline.pretrain import plain_text_scores
 
         drift.update(plain_text_scores(cfg, base_path, train_dir, tag_ids))
-    trained_sets = {s for s in job.train_sets if s}
-    sets = [{"tags": list(s), "in_training": s in trained_sets, "heldout_examples": len(by_set[s]), **scores[s]} for s in job.eval_sets]
+    sets = [{"tags": list(s), "in_training": job.in_training(s), "heldout_examples": len(by_set[s]), **scores[s]} for s in job.eval_sets]
     report = {
         "tag": job.student_tags(first),
         "tags": job.tags,

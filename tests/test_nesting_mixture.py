@@ -190,3 +190,22 @@ def test_random_tag_order_is_per_example_and_reproducible():
     assert len(orders) == 6
     record = {"id": "r1", "tags": ["<a>", "<b>"], "input": "x"}
     assert student_context(job, record, Tok(), False, 0) == student_context(job, record, Tok(), False, 0)
+
+
+def test_in_training_compares_tag_sets_as_sets():
+    from pipeline.job import Job
+
+    job = Job({t: Metatoken(t, "p", "x") for t in ("<a>", "<b>", "<c>")}, (("<a>", "<b>"), ("<c>",), ()), (1.0, 1.0, 0.1), ())
+    assert job.in_training(("<b>", "<a>")) and job.in_training(("<a>", "<b>")) and job.in_training(("<c>",))
+    assert not job.in_training(("<a>",)) and not job.in_training(("<a>", "<c>")) and not job.in_training(())
+
+
+@pytest.mark.parametrize("sets, heldout", [("[[kind],[fox]]", "[[fox]]"), ("[[kind,fox],[fox]]", "[[fox,kind]]")])
+def test_heldout_set_that_is_also_trained_is_rejected(tiny_cfg, tiny_data, sets, heldout):
+    conf = tiny_data / "metatokens"
+    conf.mkdir()
+    (conf / "kind.yaml").write_text('tag: "<kind>"\nprompt: Be kind.\n')
+    (conf / "fox.yaml").write_text('tag: "<fox>"\nprompt: Mention the fox.\n')
+    cfg = tiny_cfg(f"paths.metatokens={conf}", f"mixture.sets={sets}", "mixture.weights=[1,1]", f"mixture.heldout_sets={heldout}")
+    with pytest.raises(ConfigError, match=r"mixture.heldout_sets: \[\[.*\]\] also appear in mixture.sets .*Fix: remove them"):
+        job_from_config(cfg)
