@@ -30,10 +30,23 @@ from pipeline.metatokens import ConfigError
 from pipeline.models import load_model, load_tokenizer, resolve_model_path
 
 log = logging.getLogger(__name__)
+LATER_DEFAULTS = {"train_examples": 32, "resamples": 1000}  # fields added after evaluations were cached
 
 
 def stage_key(cfg, job: Job) -> dict:
-    return {"train": outputs.key_hash(train.stage_key(cfg, job)), "evaluate": outputs.plain(cfg.evaluate)}
+    key = {"train": outputs.key_hash(train.stage_key(cfg, job)), "evaluate": evaluate_key(cfg.evaluate)}
+    if cfg.generate.teacher_mode == "bootstrap":  # scored on the reference teacher's samples (not the bootstrap model's)
+        key["heldout_teacher"] = generate.REFERENCE
+    return key
+
+
+def evaluate_key(eval_cfg) -> dict:
+    """The evaluate config, without the fields added later while they hold their defaults (old keys stay)."""
+    key = outputs.plain(eval_cfg)
+    for name, default in LATER_DEFAULTS.items():
+        if key.get(name) == default:
+            key.pop(name)
+    return key
 
 
 def output_dir(cfg, job: Job) -> Path:

@@ -126,6 +126,29 @@ def test_nested_tag_bootstrap_chain_of_two_levels_runs(tiny_cfg, tiny_data):
     assert {"<a>", "<b>", "<c>"} <= set(vocab)  # the final student knows the whole chain
     assert m2.expanded.startswith("You are a kind") and r2["metrics"]["effect_kl"] > 0
 
+    # It never writes any of them: the saved generation config suppresses the inner tags too,
+    # and pipeline.sample knows all three.
+    from pipeline.sample import Sampler
+
+    gen_config = json.loads((level2 / "generation_config.json").read_text())
+    assert sorted(gen_config["suppress_tokens"]) == sorted(vocab[t] for t in ("<a>", "<b>", "<c>"))
+    assert Sampler(level2).known == ["<a>", "<b>", "<c>"]
+
+    # Held-out samples come from the reference teacher (the base model reading the expanded prompt)
+    # and the base model in bootstrap mode too: the same records as expand mode's, so the two
+    # modes' recoveries are scored on the same samples.
+    from datasets import load_from_disk
+
+    from pipeline import generate
+
+    def heldout(*extra):
+        cfg = tiny_cfg(*common, "metatoken.tag='<b>'", "metatoken.prompt='<a> Always answer about the river bank.'", *extra)
+        rows = load_from_disk(str(generate.output_dir(cfg, job_from_config(cfg)) / "dataset"))
+        return [(r["id"], r["output_ids"], r["topk_logprobs"], r["base_output_ids"]) for r in rows if r["split"] == "heldout"]
+
+    run_stages(tiny_cfg(*common, "stage=generate", "metatoken.tag='<b>'", "metatoken.prompt='<a> Always answer about the river bank.'"))
+    assert heldout("generate.teacher_mode=bootstrap", f"generate.bootstrap_model={level0}") == heldout()
+
 
 def test_bootstrap_teacher_without_the_inner_tag_is_rejected_before_compute(tiny_cfg, tiny_model, tiny_data, monkeypatch):
     import pipeline.models

@@ -36,3 +36,10 @@ def test_stage_keys_of_shipped_configs_do_not_change(name):
     overrides, expected = CASES[name]
     got = stage_hashes(overrides)
     assert {k: got[k] for k in expected} == expected
+
+
+def test_bootstrap_generate_and_evaluate_keys_change_on_purpose():
+    """Bootstrap mode's held-out samples now come from the reference teacher and the base model, so
+    its generate and evaluate outputs are new results (its extend and train keys stay, above)."""
+    got = stage_hashes(BOOTSTRAP)
+    assert got["generate"] != "d61db3b637" and got["evaluate"] != "744a05bf20"
