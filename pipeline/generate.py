@@ -61,7 +61,7 @@ def output_dir(cfg, job: Job) -> Path:
 
 @torch.no_grad()
 def sample_with_logprobs(
-    model, tokenizer, contexts: list[list[int]], gen_cfg, seed: int, prompt=None
+    model, tokenizer, contexts: list[list[int]], gen_cfg, seed: int, prompt=None, suppress_ids: list[int] | None = None
 ) -> list[dict]:
     """Sample one continuation per context and keep the top-k log-probs at every generated position.
 
@@ -69,7 +69,7 @@ def sample_with_logprobs(
     are read from its keys and values instead of being computed again. The rest of each context is left-padded
     after that prefix; padding is masked and position ids skip it, so every row sees exactly its
     own context. A continuation ends at (and includes) the first EOS, so the student also learns
-    where the teacher stops.
+    where the teacher stops. `suppress_ids` (a student's tags) are never sampled.
     """
     device = model.device
     pad_id = tokenizer.pad_token_id
@@ -99,6 +99,7 @@ def sample_with_logprobs(
             pad_token_id=pad_id,
             output_logits=True,
             return_dict_in_generate=True,
+            **({"suppress_tokens": list(suppress_ids)} if suppress_ids else {}),
         )
     new_tokens = generated.sequences[:, length:].cpu()
     # Raw logits (before temperature / top-p), so the recorded distribution is the model's own.
