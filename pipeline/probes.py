@@ -38,7 +38,7 @@ class Probe:
     def describe(self) -> str:
         """What the probe's value is, in words (for the report)."""
         if self.kind == "regex":
-            return f"matches of /{self.pattern}/ per {'100 words' if self.per == '100_words' else 'answer'}"
+            return f"matches per {'100 words' if self.per == '100_words' else 'answer'}"
         return "words per answer" if self.kind == "words" else "share of answers all in lowercase"
 
 
@@ -120,6 +120,7 @@ def probe_report(probe: Probe, tag: str, answers: dict[str, list[str]], resample
         "tag": tag,
         "kind": probe.kind,
         "measures": probe.describe(),
+        "pattern": probe.pattern,
         **{name: _finite(pooled_mean(*terms[name])) for name in terms},
         "retention": _finite(retention(*flat)),
         "retention_ci": [_finite(low), _finite(high)],

@@ -1,5 +1,6 @@
 """What a user sees, on one tiny run: stage summary lines, the report, the sample command, the list command."""
 import contextlib
+import html
 import io
 import json
 import re
@@ -53,10 +54,12 @@ def assert_row_matches(row: list[str], data: dict, tag: str) -> None:
     assert row[0] == f"`{tag}`"
     for cell, key, digits in (
         (row[1], "effect_kl", 4), (row[2], "residual_kl", 4), (row[3], "recovery", 3),
-        (row[4], "drift_kl", 5), (row[6], "init_recovery", 3),
+        (row[5], "drift_kl", 5), (row[7], "init_recovery", 3), (row[8], "train_recovery", 3),
     ):
         assert float(cell) == pytest.approx(m[key], abs=0.51 * 10**-digits), key
-    assert int(row[5]) == m["prompt_tokens_saved"]
+    low, high = (float(v) for v in row[4].split(" – "))
+    assert (low, high) == (pytest.approx(m["recovery_ci"][0], abs=5.1e-4), pytest.approx(m["recovery_ci"][1], abs=5.1e-4))
+    assert int(row[6]) == m["prompt_tokens_saved"]
 
 
 def test_each_stage_prints_one_summary_line(run, capsys):
@@ -85,8 +88,9 @@ def test_report_files_and_table_match_report_json(run):
     # The HTML stands alone: every image inline, the same figures in its table.
     page = (run.eval_dir / "report.html").read_text()
     assert page.count("src='data:image/png;base64,") == 3 and "src='plots/" not in page
-    cells = re.findall(r"<td class='num'>([^<]*)</td>", page)
-    assert cells == row[1:]
+    results = page.split("<table class='results'>")[1].split("</table>")[0]
+    cells = re.findall(r"<td class='num'>([^<]*)</td>", results)
+    assert [html.unescape(c) for c in cells] == row[1:]
 
     # Per-position KL: the token-weighted mean over positions gives back the reported means.
     pp, m = data["per_position"], data["metrics"]
