@@ -194,21 +194,22 @@ def probe_figures(job: Job, tag_set, rows: list[dict], student_answers: list[str
 def score_student(model, tok, job: Job, cfg, heldout: dict, trained: dict, ref: dict, tag_ids: list[int]):
     """The trained student: held-out and training-input recovery, contexts, probes and side-by-side samples per set."""
     chat, bs, eval_cfg = cfg.model.chat, cfg.evaluate.batch_size, cfg.evaluate
-    scores, samples, residual_tokens = {}, [], {}
+    scores, samples, residual_tokens = {}, [], {"heldout": {}, "train": {}}
     for tag_set, rows in heldout.items():
         name, contexts = "+".join(tag_set), tagged_contexts(job, tok, rows, chat)
         logits = continuation_logits(model, contexts, [r["output_ids"] for r in rows], tok.pad_token_id, bs, f"student {name}", tag_ids)
-        residual_tokens[tag_set] = token_kls(ref["heldout"][tag_set]["teacher"], logits)
+        residual_tokens["heldout"][tag_set] = token_kls(ref["heldout"][tag_set]["teacher"], logits)
         student_len = sum(map(len, contexts)) / len(rows)
         teacher_len = ref["heldout"][tag_set]["teacher_len"]
         scores[tag_set] = {
-            **kl_figures(ref["heldout"][tag_set]["effect_tokens"], residual_tokens[tag_set], eval_cfg),
+            **kl_figures(ref["heldout"][tag_set]["effect_tokens"], residual_tokens["heldout"][tag_set], eval_cfg),
             "prompt_tokens_saved": round(teacher_len - student_len), "teacher_context_tokens": teacher_len, "student_context_tokens": student_len,
         }
         if tag_set in trained:  # fit: the same scorer on inputs the student was trained on
             train_ctx = tagged_contexts(job, tok, trained[tag_set], chat)
             train_logits = continuation_logits(model, train_ctx, [r["output_ids"] for r in trained[tag_set]], tok.pad_token_id, bs, f"student train {name}", tag_ids)
-            fit = kl_figures(ref["train"][tag_set]["effect_tokens"], token_kls(ref["train"][tag_set]["teacher"], train_logits), eval_cfg, "train_")
+            residual_tokens["train"][tag_set] = token_kls(ref["train"][tag_set]["teacher"], train_logits)
+            fit = kl_figures(ref["train"][tag_set]["effect_tokens"], residual_tokens["train"][tag_set], eval_cfg, "train_")
             scores[tag_set].update(train_examples=len(trained[tag_set]), train_effect_kl=torch.cat(ref["train"][tag_set]["effect_tokens"]).mean().item(), **fit)
         if any(job.metatokens[t].probe for t in tag_set):
             answers, _ = sample_answers(model, tok, contexts, cfg.generate, tag_ids)
@@ -220,6 +221,40 @@ def score_student(model, tok, job: Job, cfg, heldout: dict, trained: dict, ref: 
             for r, t in zip(shown, texts)
         ]
     return scores, samples, residual_tokens
+
+
+def pooled_over_sets(effect: dict, residual: dict, rows: dict, eval_cfg, prefix: str = "") -> dict:
+    """Effect, residual and recovery token-weighted over every set's inputs, with recovery's 95% interval.
+
+    Every evaluated set answers the same held-out inputs, so an input's KLs are summed over the sets
+    and the bootstrap resamples inputs (with all their sets), as it does for one set.
+    """
+    by_input: dict = {}
+    for tag_set, per_example in residual.items():
+        for row, e, r in zip(rows[tag_set], effect[tag_set], per_example):
+            sums = by_input.setdefault(row["id"], [0.0, 0.0, 0])
+            sums[0], sums[1], sums[2] = sums[0] + e.sum().item(), sums[1] + r.sum().item(), sums[2] + len(e)
+    effect_sum, residual_sum, tokens = (sum(v[k] for v in by_input.values()) for k in range(3))
+    interval = bootstrap_interval(pooled_recovery, [v[1] for v in by_input.values()], [v[0] for v in by_input.values()],
+                                  resamples=eval_cfg.resamples, seed=eval_cfg.seed)
+    return {prefix + "effect_kl": effect_sum / tokens, prefix + "residual_kl": residual_sum / tokens,
+            prefix + "recovery": recovery(effect_sum, residual_sum), prefix + "recovery_ci": list(interval)}
+
+
+def pooled_headline(heldout, trained, ref, residual_tokens, init_tokens, scores, eval_cfg) -> dict:
+    """The headline of a run with several tag sets: every figure token-weighted over all evaluated sets."""
+    effect = {s: ref["heldout"][s]["effect_tokens"] for s in heldout}
+    headline = {**pooled_over_sets(effect, residual_tokens["heldout"], heldout, eval_cfg),
+                **{k: v for k, v in pooled_over_sets(effect, init_tokens, heldout, eval_cfg, "init_").items() if k != "init_effect_kl"}}
+    if residual_tokens["train"]:
+        train_effect = {s: ref["train"][s]["effect_tokens"] for s in residual_tokens["train"]}
+        headline.update(pooled_over_sets(train_effect, residual_tokens["train"], trained, eval_cfg, "train_"),
+                        train_examples=sum(len(trained[s]) for s in residual_tokens["train"]))
+    for key in ("teacher_context_tokens", "student_context_tokens"):  # per call, averaged over the sets
+        headline[key] = sum(scores[s][key] for s in heldout) / len(heldout)
+    headline["prompt_tokens_saved"] = round(headline["teacher_context_tokens"] - headline["student_context_tokens"])
+    headline["pooled_sets"] = len(heldout)
+    return headline
 
 
 def load_scored_model(path: Path, job: Job, cfg):
@@ -257,20 +292,20 @@ def run(cfg) -> Path:
     tag_ids = sorted(load_tokenizer(str(train_dir)).convert_tokens_to_ids(t) for t in tags_of(train_dir))
     drift = {}
     tok, model = load_scored_model(ext_dir, job, cfg)  # the untrained tag: what training added
-    init = {}
+    init, init_tokens = {}, {}
     for tag_set, rows in heldout.items():
         logits = continuation_logits(model, tagged_contexts(job, tok, rows, chat), [r["output_ids"] for r in rows], tok.pad_token_id, bs, f"init {'+'.join(tag_set)}", tag_ids)
-        residual_tokens = token_kls(ref["heldout"][tag_set]["teacher"], logits)
-        init[tag_set] = kl_figures(ref["heldout"][tag_set]["effect_tokens"], residual_tokens, eval_cfg, "init_")
+        init_tokens[tag_set] = token_kls(ref["heldout"][tag_set]["teacher"], logits)
+        init[tag_set] = kl_figures(ref["heldout"][tag_set]["effect_tokens"], init_tokens[tag_set], eval_cfg, "init_")
         if tag_set == first:
-            per_position["init_residual_kl"] = position_means(residual_tokens)[0]
+            per_position["init_residual_kl"] = position_means(init_tokens[tag_set])[0]
     if base_on_base is not None:
         plain = [context_ids(tok, r["input"], None, chat) for r in drift_rows]
         drift.update(drift_figures(base_on_base, continuation_logits(model, plain, drift_outs, tok.pad_token_id, bs, "init untagged", tag_ids), eval_cfg, "init_"))
     del model
     tok, model = load_scored_model(train_dir, job, cfg)
     scores, samples, residual_tokens = score_student(model, tok, job, cfg, heldout, trained, ref, tag_ids)
-    per_position["residual_kl"] = position_means(residual_tokens[first])[0]
+    per_position["residual_kl"] = position_means(residual_tokens["heldout"][first])[0]
     if base_on_base is not None:
         plain = [context_ids(tok, r["input"], None, chat) for r in drift_rows]
         drift.update(drift_figures(base_on_base, continuation_logits(model, plain, drift_outs, tok.pad_token_id, bs, "student untagged", tag_ids), eval_cfg))
@@ -290,7 +325,8 @@ def run(cfg) -> Path:
         "heldout_examples": len(heldout[first]),
         "scored_tokens": sum(len(r["output_ids"]) for r in heldout[first]),
         "train": {k: cfg.train[k] for k in ("mode", "objective", "params", "teacher", "epochs", "max_steps", "lr", "embedding_lr")},
-        "metrics": {**scores[first], **drift},  # the first set (a plain run's only one), plus drift
+        # the headline: a plain run's one set; with several sets, token-weighted over all of them (each is in `sets`)
+        "metrics": {**(scores[first] if len(sets) == 1 else pooled_headline(heldout, trained, ref, residual_tokens, init_tokens, scores, eval_cfg)), **drift},
         "sets": sets,
         "drift": drift,
         "samples": samples,
@@ -305,5 +341,6 @@ def run(cfg) -> Path:
     if cfg.logger.report_to == "wandb":
         reports.log_to_wandb(out_dir, cfg.logger)
     print((out_dir / "report.md").read_text())
-    log.info("evaluate: recovery %.3f, drift %.5f -> %s", report["metrics"]["recovery"], drift.get("drift_kl", float("nan")), out_dir)
+    each = "" if len(sets) == 1 else " (" + ", ".join(f"{''.join(x['tags'])} {x['recovery']:.3f}" for x in sets) + ")"
+    log.info("evaluate: recovery %.3f%s, drift %.5f -> %s", report["metrics"]["recovery"], each, drift.get("drift_kl", float("nan")), out_dir)
     return out_dir

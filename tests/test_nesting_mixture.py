@@ -195,6 +195,20 @@ def test_remix_run_trains_sets_and_reports_an_untrained_pair(tiny_cfg, tiny_data
     assert pair["in_training"] is False and pair["effect_kl"] > 0 and "recovery" in pair
     assert {tuple(s["tags"]) for s in report["sets"] if s["in_training"]} == {("<kind>",), ("<fox>",)}
 
+    # The headline is token-weighted over every evaluated set (each set's tokens from the dataset).
+    tokens = {s: sum(len(r["output_ids"]) for r in data if r["split"] == "heldout" and tuple(r["tags"]) == s) for s in heldout_sets}
+    weighted = lambda key: sum(x[key] * tokens[tuple(x["tags"])] for x in report["sets"]) / sum(tokens.values())  # noqa: E731
+    m = report["metrics"]
+    assert m["pooled_sets"] == 3 and m["effect_kl"] == pytest.approx(weighted("effect_kl"), rel=1e-5)
+    assert m["recovery"] == pytest.approx(1 - weighted("residual_kl") / weighted("effect_kl"), rel=1e-5)
+    assert m["init_recovery"] == pytest.approx(1 - weighted("init_residual_kl") / weighted("effect_kl"), rel=1e-5)
+    assert m["recovery_ci"][0] <= m["recovery"] <= m["recovery_ci"][1]
+    train_tokens = {s: sum(len(r["output_ids"]) for r in data if r["split"] == "train" and tuple(r["tags"]) == s)
+                    for s in (("<kind>",), ("<fox>",))}  # evaluate.train_examples (32) exceeds the tiny run's inputs
+    fit = [x for x in report["sets"] if x["in_training"]]
+    residual = sum(x["train_residual_kl"] * train_tokens[tuple(x["tags"])] for x in fit)
+    assert m["train_recovery"] == pytest.approx(1 - residual / sum(x["train_effect_kl"] * train_tokens[tuple(x["tags"])] for x in fit), rel=1e-5)
+
 
 def test_random_tag_order_is_per_example_and_reproducible():
     from pipeline.job import Job
