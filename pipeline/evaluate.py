@@ -169,6 +169,7 @@ def reference_scores(base, tok, job: Job, rows_by_set: dict, cfg, split: str) ->
 def load_rows(cfg, job: Job, gen_dir: Path) -> tuple[dict, dict]:
     """(held-out rows per evaluated set, up to `evaluate.train_examples` training rows per trained set)."""
     data = load_from_disk(str(gen_dir / "dataset"))
+    data = data.remove_columns([c for c in ("topk_ids", "topk_logprobs") if c in data.column_names])  # not read here: rows stay small
     heldout = [r for r in data if r["split"] == "heldout"]
     by_set = {s: [r for r in heldout if tuple(r["tags"]) == s][: cfg.evaluate.max_examples] for s in job.eval_sets}
     if not all(by_set.values()):
@@ -189,6 +190,17 @@ def probe_figures(job: Job, tag_set, rows: list[dict], student_answers: list[str
         return []  # generate.base_samples=false: no base answers to compare with
     answers = {"base": [r["base_output"] for r in rows], "teacher": [r["output"] for r in rows], "student": student_answers}
     return [probe_report(job.metatokens[t].probe, t, answers, eval_cfg.resamples, eval_cfg.seed) for t in tag_set if job.metatokens[t].probe]
+
+
+def score_untrained(model, tok, job: Job, cfg, heldout: dict, ref: dict, tag_ids: list[int]) -> tuple[dict, dict]:
+    """The freshly extended model (tag initialised, not trained): its figures and per-token residuals per set."""
+    figures, residual_tokens = {}, {}
+    for tag_set, rows in heldout.items():
+        contexts = tagged_contexts(job, tok, rows, cfg.model.chat)
+        logits = continuation_logits(model, contexts, [r["output_ids"] for r in rows], tok.pad_token_id, cfg.evaluate.batch_size, f"init {'+'.join(tag_set)}", tag_ids)
+        residual_tokens[tag_set] = token_kls(ref["heldout"][tag_set]["teacher"], logits)
+        figures[tag_set] = kl_figures(ref["heldout"][tag_set]["effect_tokens"], residual_tokens[tag_set], cfg.evaluate, "init_")
+    return figures, residual_tokens
 
 
 def score_student(model, tok, job: Job, cfg, heldout: dict, trained: dict, ref: dict, tag_ids: list[int]):
@@ -291,24 +303,22 @@ def run(cfg) -> Path:
     # Every tag the student holds is suppressed (a bootstrapped student's inner tags too), as when it samples.
     tag_ids = sorted(load_tokenizer(str(train_dir)).convert_tokens_to_ids(t) for t in tags_of(train_dir))
     drift = {}
-    tok, model = load_scored_model(ext_dir, job, cfg)  # the untrained tag: what training added
-    init, init_tokens = {}, {}
-    for tag_set, rows in heldout.items():
-        logits = continuation_logits(model, tagged_contexts(job, tok, rows, chat), [r["output_ids"] for r in rows], tok.pad_token_id, bs, f"init {'+'.join(tag_set)}", tag_ids)
-        init_tokens[tag_set] = token_kls(ref["heldout"][tag_set]["teacher"], logits)
-        init[tag_set] = kl_figures(ref["heldout"][tag_set]["effect_tokens"], init_tokens[tag_set], eval_cfg, "init_")
-        if tag_set == first:
-            per_position["init_residual_kl"] = position_means(init_tokens[tag_set])[0]
-    if base_on_base is not None:
+    def untagged_drift(model, tok, prefix: str) -> dict:  # KL(base || model) on the base model's own untagged answers
+        if base_on_base is None:
+            return {}
         plain = [context_ids(tok, r["input"], None, chat) for r in drift_rows]
-        drift.update(drift_figures(base_on_base, continuation_logits(model, plain, drift_outs, tok.pad_token_id, bs, "init untagged", tag_ids), eval_cfg, "init_"))
+        logits = continuation_logits(model, plain, drift_outs, tok.pad_token_id, bs, f"{'init' if prefix else 'student'} untagged", tag_ids)
+        return drift_figures(base_on_base, logits, eval_cfg, prefix)
+
+    tok, model = load_scored_model(ext_dir, job, cfg)  # the untrained tag: what training added
+    init, init_tokens = score_untrained(model, tok, job, cfg, heldout, ref, tag_ids)
+    per_position["init_residual_kl"] = position_means(init_tokens[first])[0]
+    drift.update(untagged_drift(model, tok, "init_"))
     del model
     tok, model = load_scored_model(train_dir, job, cfg)
     scores, samples, residual_tokens = score_student(model, tok, job, cfg, heldout, trained, ref, tag_ids)
     per_position["residual_kl"] = position_means(residual_tokens["heldout"][first])[0]
-    if base_on_base is not None:
-        plain = [context_ids(tok, r["input"], None, chat) for r in drift_rows]
-        drift.update(drift_figures(base_on_base, continuation_logits(model, plain, drift_outs, tok.pad_token_id, bs, "student untagged", tag_ids), eval_cfg))
+    drift.update(untagged_drift(model, tok, ""))
     del model
 
     if cfg.train.mode == "pretrain":  # drift on held-out plain text, the pretrain mixture's other half
