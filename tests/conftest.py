@@ -136,3 +136,21 @@ def tiny_overrides(model: Path, data: Path, outputs: Path, *extra: str) -> list[
         "evaluate.sample_max_new_tokens=5",
         *extra,
     ]
+
+
+@pytest.fixture()
+def no_weights(monkeypatch):
+    """Any attempt to load weights fails the test: validation must come first.
+
+    The stages bind `load_model` when they are imported (`from pipeline.models import load_model`),
+    so the name is replaced in each of them, not only in pipeline.models.
+    """
+    import importlib
+
+    def refuse(*args, **kwargs):
+        pytest.fail("weights were loaded")
+
+    for name in ("models", "generate", "extend", "train", "evaluate", "pretrain", "sample"):
+        module = importlib.import_module(f"pipeline.{name}")
+        if hasattr(module, "load_model"):
+            monkeypatch.setattr(module, "load_model", refuse)

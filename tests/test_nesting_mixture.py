@@ -150,14 +150,12 @@ def test_nested_tag_bootstrap_chain_of_two_levels_runs(tiny_cfg, tiny_data):
     assert heldout("generate.teacher_mode=bootstrap", f"generate.bootstrap_model={level0}") == heldout()
 
 
-def test_bootstrap_teacher_without_the_inner_tag_is_rejected_before_compute(tiny_cfg, tiny_model, tiny_data, monkeypatch):
-    import pipeline.models
+def test_bootstrap_teacher_without_the_inner_tag_is_rejected_before_compute(no_weights, tiny_cfg, tiny_model, tiny_data):
     from pipeline.__main__ import run_stages
 
     conf = tiny_data / "metatokens"
     conf.mkdir()
     (conf / "a.yaml").write_text('tag: "<a>"\nprompt: Be kind.\n')
-    monkeypatch.setattr(pipeline.models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     cfg = tiny_cfg(f"paths.metatokens={conf}", "metatoken.prompt_file=null", "metatoken.tag='<b>'",
                    "metatoken.prompt='<a> More.'", "generate.teacher_mode=bootstrap", f"generate.bootstrap_model={tiny_model}")
     with pytest.raises(ConfigError, match=r"<b> uses <a>, which the bootstrap teacher .* does not know"):

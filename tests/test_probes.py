@@ -66,8 +66,7 @@ def test_bad_probe_names_the_file_field_and_fix(node, match):
         probe_from_config(node, "conf/metatoken/x.yaml")
 
 
-def test_shipped_probes_parse_and_a_bad_one_fails_before_any_model_loads(tiny_cfg, monkeypatch):
-    import pipeline.models
+def test_shipped_probes_parse_and_a_bad_one_fails_before_any_model_loads(no_weights, tiny_cfg):
     from pipeline.__main__ import run_stages
     from pipeline.config import PROJECT_ROOT
     from pipeline.metatokens import load_registry
@@ -77,6 +76,5 @@ def test_shipped_probes_parse_and_a_bad_one_fails_before_any_model_loads(tiny_cf
     assert registry["<concise>"].probe == Probe("words")
     assert value(registry["<pirate>"].probe, ["Ahoy, matey! Ye be sailin'."]) == pytest.approx(100 * 3 / 5)
 
-    monkeypatch.setattr(pipeline.models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(ConfigError, match="field 'probe.kind' is 'count'"):
         run_stages(tiny_cfg("metatoken.probe.kind=count"))

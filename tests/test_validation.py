@@ -3,15 +3,8 @@ import json
 
 import pytest
 
-import pipeline.models
 from pipeline.__main__ import run_stages
 from pipeline.metatokens import ConfigError
-
-
-@pytest.fixture()
-def no_weights(monkeypatch):
-    """Any attempt to load weights fails the test: validation must come first."""
-    monkeypatch.setattr(pipeline.models, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
 
 
 def write(path, text):
