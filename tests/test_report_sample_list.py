@@ -242,3 +242,19 @@ def test_progress_switch_and_durations():
     finally:
         progress.configure(None)
     assert [progress.duration(s) for s in (4.24, 245, 3725)] == ["4.2s", "4m05s", "1h02m"]
+
+
+def test_a_report_from_before_intervals_and_probes_still_renders(run, tmp_path):
+    data = json.loads((run.eval_dir / "report.json").read_text())
+    new = ("_ci", "train_", "probes", "pooled_sets")
+    strip = lambda d: {k: v for k, v in d.items() if not any(n in k for n in new)}  # noqa: E731
+    data["metrics"], data["sets"] = strip(data["metrics"]), [strip(s) for s in data["sets"]]
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "report.json").write_text(json.dumps(data))
+    report.render(old)
+    markdown = (old / "report.md").read_text()
+    (row,) = table_rows(markdown)
+    assert row[4] == "n/a" and row[8] == "n/a" and float(row[3]) == pytest.approx(data["metrics"]["recovery"], abs=5e-4)
+    assert "Behaviour probes" not in markdown and "training inputs (same scorer)" not in markdown
+    assert "Behaviour probes" in (run.eval_dir / "report.md").read_text()  # the new report has them
