@@ -186,8 +186,6 @@ def load_rows(cfg, job: Job, gen_dir: Path) -> tuple[dict, dict]:
 
 def probe_figures(job: Job, tag_set, rows: list[dict], student_answers: list[str], eval_cfg) -> list[dict]:
     """Each of the set's tags that has a probe, on base / teacher / student answers to the held-out inputs."""
-    if not all(r["base_output_ids"] for r in rows):
-        return []  # generate.base_samples=false: no base answers to compare with
     answers = {"base": [r["base_output"] for r in rows], "teacher": [r["output"] for r in rows], "student": student_answers}
     return [probe_report(job.metatokens[t].probe, t, answers, eval_cfg.resamples, eval_cfg.seed) for t in tag_set if job.metatokens[t].probe]
 
@@ -223,7 +221,8 @@ def score_student(model, tok, job: Job, cfg, heldout: dict, trained: dict, ref: 
             residual_tokens["train"][tag_set] = token_kls(ref["train"][tag_set]["teacher"], train_logits)
             fit = kl_figures(ref["train"][tag_set]["effect_tokens"], residual_tokens["train"][tag_set], eval_cfg, "train_")
             scores[tag_set].update(train_examples=len(trained[tag_set]), train_effect_kl=torch.cat(ref["train"][tag_set]["effect_tokens"]).mean().item(), **fit)
-        if any(job.metatokens[t].probe for t in tag_set):
+        # (with generate.base_samples=false there are no base answers to compare with, so no probe)
+        if any(job.metatokens[t].probe for t in tag_set) and all(r["base_output_ids"] for r in rows):
             answers, _ = sample_answers(model, tok, contexts, cfg.generate, tag_ids)
             scores[tag_set]["probes"] = probe_figures(job, tag_set, rows, answers, eval_cfg)
         shown = rows[: eval_cfg.num_samples]
@@ -303,6 +302,7 @@ def run(cfg) -> Path:
     # Every tag the student holds is suppressed (a bootstrapped student's inner tags too), as when it samples.
     tag_ids = sorted(load_tokenizer(str(train_dir)).convert_tokens_to_ids(t) for t in tags_of(train_dir))
     drift = {}
+
     def untagged_drift(model, tok, prefix: str) -> dict:  # KL(base || model) on the base model's own untagged answers
         if base_on_base is None:
             return {}
