@@ -10,6 +10,10 @@ import hashlib
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.probes import Probe
 
 # One token: angle brackets around letters, digits, '_' or '-'. Spaces would let the tokenizer split it.
 TAG_PATTERN = re.compile(r"^<[A-Za-z0-9_\-]+>$")
@@ -28,7 +32,7 @@ class Metatoken:
     prompt: str  # the text the tag stands for, as written (it may mention other tags)
     source: str  # the file that defined it (for error messages and manifests)
     expanded: str = ""  # the prompt with every inner tag replaced, recursively, by its own prompt
-    probe: object = None  # a probes.Probe: a behaviour counted in sampled answers (evaluate only)
+    probe: Probe | None = None  # a behaviour counted in sampled answers (evaluate only; in no stage key)
 
     def __post_init__(self):
         if not self.expanded:  # a prompt without inner tags is its own expansion

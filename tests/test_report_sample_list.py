@@ -258,3 +258,13 @@ def test_a_report_from_before_intervals_and_probes_still_renders(run, tmp_path):
     assert row[4] == "n/a" and row[8] == "n/a" and float(row[3]) == pytest.approx(data["metrics"]["recovery"], abs=5e-4)
     assert "Behaviour probes" not in markdown and "training inputs (same scorer)" not in markdown
     assert "Behaviour probes" in (run.eval_dir / "report.md").read_text()  # the new report has them
+
+
+def test_summary_line_of_a_run_with_several_sets_lists_each_beside_the_headline():
+    from pipeline.progress import _what
+
+    manifest = {"metrics": {"recovery": 0.25, "init_recovery": 0.0, "drift_kl": 0.001, "prompt_tokens_saved": 300},
+                "sets": [{"tags": ["<a>"], "recovery": 0.1}, {"tags": ["<a>", "<b>"], "recovery": 0.4}]}
+    assert _what("evaluate", manifest).startswith("recovery 0.250 over 2 sets [<a> 0.100, <a><b> 0.400] (untrained tag 0.000)")
+    manifest["sets"] = manifest["sets"][:1]
+    assert _what("evaluate", manifest).startswith("recovery 0.250 (untrained tag")
