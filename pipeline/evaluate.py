@@ -338,6 +338,7 @@ def run(cfg) -> Path:
         # the headline: a plain run's one set; with several sets, token-weighted over all of them (each is in `sets`)
         "metrics": {**(scores[first] if len(sets) == 1 else pooled_headline(heldout, trained, ref, residual_tokens, init_tokens, scores, eval_cfg)), **drift},
         "sets": sets,
+        "intervals": {"level": 0.95, "over": "inputs", "resamples": eval_cfg.resamples, "seed": eval_cfg.seed},
         "drift": drift,
         "samples": samples,
         "per_position": per_position,

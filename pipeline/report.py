@@ -243,7 +243,7 @@ def blocks(reports: list[dict], figures: dict[str, Path]) -> list[tuple]:
         "**drift** = KL(base || student) on untagged held-out inputs (what training cost elsewhere); "
         "**prompt tokens saved** per call. **recovery, untrained tag**: the same for the freshly added tag; "
         "**on training inputs**: the trained tag on inputs it was trained on (fit, beside the held-out generalisation). "
-        "Intervals: 95% bootstrap over held-out inputs (1,000 resamples, each recomputing the token-weighted ratio).",
+        f"Intervals: 95% bootstrap over the inputs ({_resamples(reports)} resamples, each recomputing the token-weighted ratio).",
     ))
     probes = [row for r in reports for row in probe_rows(r)]
     if probes:
@@ -299,6 +299,11 @@ def blocks(reports: list[dict], figures: dict[str, Path]) -> list[tuple]:
                 (f"student, `{''.join(s.get('tags', [])) or label(r)}`", s["student"]),
             ]))
     return out
+
+
+def _resamples(reports: list[dict]) -> str:
+    counts = sorted({r.get("intervals", {}).get("resamples", 1000) for r in reports})
+    return " or ".join(f"{c:,}" for c in counts)
 
 
 def _fit_and_drift(m: dict) -> str:
