@@ -43,3 +43,9 @@ def test_bootstrap_generate_and_evaluate_keys_change_on_purpose():
     its generate and evaluate outputs are new results (its extend and train keys stay, above)."""
     got = stage_hashes(BOOTSTRAP)
     assert got["generate"] != "d61db3b637" and got["evaluate"] != "744a05bf20"
+
+
+def test_a_probe_enters_no_stage_key():
+    """The probe only changes what evaluate counts in sampled answers (re-run it with force=true)."""
+    assert stage_hashes(["metatoken.probe.kind=words", "metatoken.probe.pattern=null"]) == stage_hashes([])
+    assert stage_hashes(["metatoken.probe=null"]) == stage_hashes([])
