@@ -76,12 +76,19 @@ def tags_of(model_dir: str | Path) -> list[str]:
 
     From the manifests (train -> extend) when the folder is a pipeline output; for a folder copied
     elsewhere, from its generation config: the tokens it must never generate are its tags.
+    A bootstrapped student (extended from another trained output) also holds that output's tags:
+    the chain of start models is followed, inner tags first.
     """
     model_dir = Path(model_dir)
     if (model_dir / MANIFEST).is_file():
-        extended = read_manifest(model_dir).get("base_extended")
+        manifest = read_manifest(model_dir)
+        if manifest.get("stage") == "extend" and "tag_ids" in manifest:
+            start = Path(str(manifest.get("model_path", "")))
+            inherited = tags_of(start) if (start / MANIFEST).is_file() else []
+            return list(dict.fromkeys([*inherited, *manifest["tag_ids"]]))
+        extended = manifest.get("base_extended")
         if extended and is_complete(Path(extended)):
-            return list(read_manifest(Path(extended))["tag_ids"])
+            return tags_of(Path(extended))
     gen_cfg = model_dir / "generation_config.json"
     suppressed = json.loads(gen_cfg.read_text()).get("suppress_tokens") or [] if gen_cfg.is_file() else []
     added = _added_tokens(model_dir)

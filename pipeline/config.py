@@ -120,11 +120,19 @@ class ModelConfig:
 
 
 @dataclass
+class ProbeConfig:
+    kind: str = ""  # regex | words | lowercase (pipeline/probes.py)
+    pattern: Optional[str] = None  # regex: what to count (case-insensitive)
+    per: str = "100_words"  # regex: matches per 100_words or per answer
+
+
+@dataclass
 class MetatokenConfig:
     tag: str = MISSING  # the token text, e.g. "<nice>"; must look like <name>
     prompt: Optional[str] = None  # the prompt the tag stands for, inline ...
     prompt_file: Optional[str] = None  # ... or a text file, relative to paths.data (real prompts are long)
     description: str = ""  # one line for listings
+    probe: Optional[ProbeConfig] = None  # a behaviour the prompt causes, counted in sampled answers (evaluate only; in no stage key)
 
 
 @dataclass
@@ -241,7 +249,11 @@ class EvaluateConfig:
     batch_size: int = 8
     num_samples: int = 4  # held-out inputs shown side by side in the report
     sample_max_new_tokens: int = 48
-    seed: int = 0
+    seed: int = 0  # side-by-side samples and the bootstrap's resampling
+    # Fit vs generalisation: recovery also on this many training inputs per trained set (0 = off). 32 is about
+    # the demo's 24 held-out inputs in scored tokens, so both figures have intervals of similar width, for ~30% more time.
+    train_examples: int = 32
+    resamples: int = 1000  # bootstrap resamples of the inputs for the 95% intervals
 
 
 @dataclass

@@ -100,7 +100,10 @@ def extend_model(model, tokenizer, metatokens: list[Metatoken], rule: str) -> di
         output = model.get_output_embeddings()
         if output is not None and output.weight is not weight:  # untied head: a zero row, logit 0 for the tag
             output.weight[list(ids.values())] = 0.0
-    model.generation_config.suppress_tokens = sorted(ids.values())  # never generate a tag
+    # Never generate a tag: the new ones, and those the start model already suppressed (a bootstrap
+    # teacher's own tags).
+    held = model.generation_config.suppress_tokens or []
+    model.generation_config.suppress_tokens = sorted(set(held) | set(ids.values()))
     return ids
 
 

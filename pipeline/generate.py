@@ -28,10 +28,11 @@ from pipeline.formats import context_ids
 from pipeline.job import Job, TagSet, job_from_config
 from pipeline.metatokens import ConfigError
 from pipeline.mixture import assign_sets
-from pipeline.models import load_model, load_tokenizer, start_model_path
+from pipeline.models import load_model, load_tokenizer, resolve_model_path, start_model_path
 from pipeline.teacher import prompt_kv, reading_prompt, shared_prefix_length
 
 log = logging.getLogger(__name__)
+REFERENCE = "reference"  # held-out samples come from the base model reading the fully expanded prompt
 
 
 def stage_key(cfg, job: Job) -> dict:
@@ -45,6 +46,9 @@ def stage_key(cfg, job: Job) -> dict:
         "mixture_seed": cfg.mixture.seed,
         "inputs": inputs,
         "generate": generate_key(cfg.generate),
+        # bootstrap: held-out inputs are answered by the reference teacher and the base model, not the
+        # bootstrap model (expand-mode keys stay as they were: there the two are the same model)
+        **({"heldout_teacher": REFERENCE} if cfg.generate.teacher_mode == "bootstrap" else {}),
     }
 
 
@@ -61,7 +65,7 @@ def output_dir(cfg, job: Job) -> Path:
 
 @torch.no_grad()
 def sample_with_logprobs(
-    model, tokenizer, contexts: list[list[int]], gen_cfg, seed: int, prompt=None
+    model, tokenizer, contexts: list[list[int]], gen_cfg, seed: int, prompt=None, suppress_ids: list[int] | None = None
 ) -> list[dict]:
     """Sample one continuation per context and keep the top-k log-probs at every generated position.
 
@@ -69,7 +73,7 @@ def sample_with_logprobs(
     are read from its keys and values instead of being computed again. The rest of each context is left-padded
     after that prefix; padding is masked and position ids skip it, so every row sees exactly its
     own context. A continuation ends at (and includes) the first EOS, so the student also learns
-    where the teacher stops.
+    where the teacher stops. `suppress_ids` (a student's tags) are never sampled.
     """
     device = model.device
     pad_id = tokenizer.pad_token_id
@@ -99,6 +103,7 @@ def sample_with_logprobs(
             pad_token_id=pad_id,
             output_logits=True,
             return_dict_in_generate=True,
+            **({"suppress_tokens": list(suppress_ids)} if suppress_ids else {}),
         )
     new_tokens = generated.sequences[:, length:].cpu()
     # Raw logits (before temperature / top-p), so the recorded distribution is the model's own.
@@ -202,6 +207,42 @@ def plan(job: Job, train_rows: list[dict], heldout_rows: list[dict], seed: int) 
     return [g for g in groups if g[2]]
 
 
+def sampling_passes(cfg, groups) -> list[tuple[str, str, list, bool]]:
+    """Which model answers which groups: (model path, teacher mode, groups, whether it also answers without prompt).
+
+    Held-out inputs are always answered by the reference teacher (the base model reading the fully
+    expanded prompt) and, without prompt, by the base model itself, so evaluation scores every
+    teacher mode on the same kind of samples. In bootstrap mode the bootstrap model answers only
+    the training inputs.
+    """
+    if cfg.generate.teacher_mode != "bootstrap":
+        return [(start_model_path(cfg), "expand", groups, True)]
+    heldout = [g for g in groups if g[0] == "heldout"]
+    return [(resolve_model_path(cfg.model), "expand", heldout, True),
+            (start_model_path(cfg), "bootstrap", [g for g in groups if g[0] == "train"], False)]
+
+
+def sample_pass(cfg, job: Job, model_path: str, mode: str, groups, heldout_rows, with_base: bool, shard_root: Path):
+    """Load one model and answer its groups; returns (tokenizer, base samples by input id, teacher samples per group)."""
+    tokenizer = load_tokenizer(model_path)
+    # vLLM loads the model itself, from the path; the HF sampler gets the loaded model.
+    model = model_path if cfg.generate.backend == "vllm" else load_model(model_path, cfg.model.dtype, distributed.device(cfg.model))
+    chat, base = cfg.model.chat, {}
+    if with_base and cfg.generate.base_samples and heldout_rows:  # the model without prompt, for drift and side by side
+        plain = [context_ids(tokenizer, r["text"], None, chat) for r in heldout_rows]
+        sampled = sample_all(model, tokenizer, plain, cfg.generate, "base heldout", shard_root / "base-heldout", cfg.model.dtype)
+        base = dict(zip((r["id"] for r in heldout_rows), sampled))
+    answers = {}
+    for split, tag_set, rows in groups:
+        prompt = job.teacher_prompt(tag_set, mode)
+        contexts = [context_ids(tokenizer, r["text"], prompt, chat) for r in rows]
+        name = "+".join(t.strip("<>") for t in tag_set) or "untagged"
+        answers[(split, tag_set)] = sample_all(
+            model, tokenizer, contexts, cfg.generate, f"teacher {split} {name}", shard_root / f"{split}-{name}", cfg.model.dtype
+        )
+    return tokenizer, base, answers
+
+
 def run(cfg) -> Path:
     job = job_from_config(cfg)
     out_dir = output_dir(cfg, job)
@@ -211,31 +252,25 @@ def run(cfg) -> Path:
         load_inputs(cfg.inputs.file), cfg.inputs.heldout_fraction, cfg.inputs.max_train, cfg.inputs.max_heldout
     )
     train_rows += synthesize.synthetic_rows(cfg, job)  # all to training: evaluation stays on shipped inputs
-    model_path = start_model_path(cfg)
-    tokenizer = load_tokenizer(model_path)
     if cfg.generate.backend not in ("hf", "vllm"):
         raise ConfigError(f"generate.backend is {cfg.generate.backend!r}. Fix: use hf or vllm.")
-    # vLLM loads the model itself, from the path; the HF sampler gets the loaded model.
-    model = model_path if cfg.generate.backend == "vllm" else load_model(model_path, cfg.model.dtype, distributed.device(cfg.model))
     chat = cfg.model.chat
+    groups = plan(job, train_rows, heldout_rows, cfg.mixture.seed)
 
     # Shards live in the stage's .partial folder on every rank (each writes its own batches), so a
     # killed job, restarted with the same command, picks up every finished batch.
     shard_root = out_dir.with_name(f".{out_dir.name}.partial") / "shards"
     with outputs.atomic_stage_dir(out_dir, "generate", stage_key(cfg, job), keep_partial=True) as (work, manifest):
-        base = {}
-        if cfg.generate.base_samples and heldout_rows:  # the model without prompt, for drift and side by side
-            plain = [context_ids(tokenizer, r["text"], None, chat) for r in heldout_rows]
-            sampled = sample_all(model, tokenizer, plain, cfg.generate, "base heldout", shard_root / "base-heldout", cfg.model.dtype)
-            base = dict(zip((r["id"] for r in heldout_rows), sampled))
+        base, answers, decoders = {}, {}, {}
+        for model_path, mode, own_groups, with_base in sampling_passes(cfg, groups):
+            tokenizer, pass_base, pass_answers = sample_pass(cfg, job, model_path, mode, own_groups, heldout_rows, with_base, shard_root)
+            base.update(pass_base)
+            answers.update(pass_answers)
+            decoders.update({(split, s): tokenizer for split, s, _ in own_groups})
         records = []
-        for split, tag_set, rows in plan(job, train_rows, heldout_rows, cfg.mixture.seed):
-            prompt = job.teacher_prompt(tag_set, cfg.generate.teacher_mode)
-            contexts = [context_ids(tokenizer, r["text"], prompt, chat) for r in rows]
-            name = "+".join(t.strip("<>") for t in tag_set) or "untagged"
-            shards = shard_root / f"{split}-{name}"
-            teacher = sample_all(model, tokenizer, contexts, cfg.generate, f"teacher {split} {name}", shards, cfg.model.dtype)
-            for row, t in zip(rows, teacher):
+        for split, tag_set, rows in groups:  # in plan order: the dataset's order does not depend on the passes
+            decode = decoders[(split, tag_set)].decode
+            for row, t in zip(rows, answers[(split, tag_set)]):
                 b = base.get(row["id"]) if split == "heldout" else None
                 records.append(
                     {
@@ -243,9 +278,9 @@ def run(cfg) -> Path:
                         "split": split,
                         "tags": list(tag_set),
                         "input": row["text"],
-                        "output": tokenizer.decode(t["output_ids"], skip_special_tokens=True),
+                        "output": decode(t["output_ids"], skip_special_tokens=True),
                         **t,
-                        "base_output": tokenizer.decode(b["output_ids"], skip_special_tokens=True) if b else "",
+                        "base_output": decode(b["output_ids"], skip_special_tokens=True) if b else "",
                         "base_output_ids": b["output_ids"] if b else [],
                     }
                 )
@@ -253,18 +288,17 @@ def run(cfg) -> Path:
         Dataset.from_list(records).save_to_disk(str(work / "dataset"))
         if distributed.is_main():  # every rank has merged its shards by now (merge_shards is collective)
             shutil.rmtree(shard_root, ignore_errors=True)  # the dataset holds every record
+        tokenizer = load_tokenizer(start_model_path(cfg))
         plain_tokens = len(context_ids(tokenizer, "", None, chat))
         manifest.update(
-            model_path=model_path,
+            model_path=start_model_path(cfg),
+            heldout_teacher=REFERENCE,
             tags={t: m.source for t, m in job.metatokens.items()},
             prompt_tokens={
                 "+".join(s): len(context_ids(tokenizer, "", job.teacher_prompt(s, cfg.generate.teacher_mode), chat)) - plain_tokens
                 for s in job.eval_sets
             },
-            counts={
-                f"{split} {'+'.join(s) or 'untagged'}": sum(1 for r in records if r["split"] == split and tuple(r["tags"]) == s)
-                for split, s, _ in plan(job, train_rows, heldout_rows, cfg.mixture.seed)
-            },
+            counts={f"{split} {'+'.join(s) or 'untagged'}": len(rows) for split, s, rows in groups},
             generated_tokens=sum(len(r["output_ids"]) + len(r["base_output_ids"]) for r in records),
         )
     log.info("generate: %d train + %d held-out samples -> %s", len(train_rows), len(heldout_rows), out_dir)

@@ -48,6 +48,10 @@ class Job:
         """The student's context text for a tag set: the tags side by side (None when untagged)."""
         return "".join(order_tags(tag_set, self.order, rng)) if tag_set else None
 
+    def in_training(self, tag_set: TagSet) -> bool:
+        """Whether some training set holds exactly these tags, in any order (the student reads them as a set)."""
+        return bool(tag_set) and frozenset(tag_set) in {frozenset(s) for s in self.train_sets}
+
     def key(self) -> dict:
         """What of the job determines results (for stage hashes)."""
         return {
@@ -89,6 +93,13 @@ def job_from_config(cfg) -> Job:
     for s in train_sets + eval_extra:
         if len(set(s)) != len(s):
             raise ConfigError(f"mixture: the tag set {list(s)} repeats a tag. Fix: list each tag once per set.")
+    trained = [frozenset(s) for s in train_sets]
+    both = [list(s) for s in eval_extra if frozenset(s) in trained]
+    if both:
+        raise ConfigError(
+            f"mixture.heldout_sets: {both} also appear in mixture.sets (tags compared as sets, in any order), so they "
+            f"are not held out. Fix: remove them from mixture.heldout_sets; held-out sets are combinations never trained."
+        )
     tags = list(dict.fromkeys(t for s in train_sets + eval_extra for t in s))
     metatokens = {t: replace(registry[t], expanded=expand(t, registry)) for t in tags}
     singles = [(t,) for t in tags]

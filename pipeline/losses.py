@@ -145,3 +145,51 @@ def position_means(per_example: list[torch.Tensor]) -> tuple[list[float], list[i
         sums[: len(values)] += values.double()
         counts[: len(values)] += 1
     return (sums / counts.clamp_min(1)).tolist(), counts.tolist()
+
+
+def pooled_recovery(residual_sums, effect_sums):
+    """Token-weighted recovery over inputs: 1 - sum(residual) / sum(effect).
+
+    Each input contributes its KLs summed over its tokens, so a long answer weighs more than a
+    short one, exactly as in the per-token means the report gives. Works along the last axis, so
+    it takes one row of inputs [n] or a batch of resamples [B, n].
+    """
+    import numpy as np
+
+    return 1.0 - np.sum(residual_sums, axis=-1) / np.sum(effect_sums, axis=-1)
+
+
+def pooled_mean(value_sums, counts):
+    """Token-weighted mean over inputs (e.g. drift per token): sum(values) / sum(counts), along the last axis."""
+    import numpy as np
+
+    return np.sum(value_sums, axis=-1) / np.sum(counts, axis=-1)
+
+
+def bootstrap_interval(statistic, *per_input, resamples: int = 1000, seed: int = 0, level: float = 0.95):
+    """Percentile bootstrap interval of `statistic` over inputs, resampled with replacement.
+
+    Every array in `per_input` holds one value per input (the same inputs in the same order), and
+    each resample draws the same input indices for all of them, so paired quantities (an input's
+    residual and its effect; base, teacher and student answers to one input) stay paired. The
+    statistic is recomputed on each resample (the token-weighted ratio, not a mean of per-input
+    ratios). `statistic(*arrays)` must reduce the last axis: it gets arrays of shape [resamples, n].
+    Resamples where the statistic is undefined (NaN, e.g. a zero denominator) are left out.
+
+    Returns (low, high), or (nan, nan) with no inputs or no defined resample.
+    """
+    import numpy as np
+
+    arrays = [np.asarray(a, dtype=np.float64) for a in per_input]
+    n = len(arrays[0]) if arrays else 0
+    if n == 0:
+        return float("nan"), float("nan")
+    picks = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        values = np.asarray(statistic(*(a[picks] for a in arrays)), dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return float("nan"), float("nan")
+    tail = (1.0 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)

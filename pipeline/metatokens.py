@@ -10,6 +10,10 @@ import hashlib
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.probes import Probe
 
 # One token: angle brackets around letters, digits, '_' or '-'. Spaces would let the tokenizer split it.
 TAG_PATTERN = re.compile(r"^<[A-Za-z0-9_\-]+>$")
@@ -28,6 +32,7 @@ class Metatoken:
     prompt: str  # the text the tag stands for, as written (it may mention other tags)
     source: str  # the file that defined it (for error messages and manifests)
     expanded: str = ""  # the prompt with every inner tag replaced, recursively, by its own prompt
+    probe: Probe | None = None  # a behaviour counted in sampled answers (evaluate only; in no stage key)
 
     def __post_init__(self):
         if not self.expanded:  # a prompt without inner tags is its own expansion
@@ -48,7 +53,7 @@ class Metatoken:
         return self.expanded if mode == "expand" else unescape(self.prompt)
 
 
-FIELDS = ("tag", "prompt", "prompt_file", "description")  # all a metatoken file may hold
+FIELDS = ("tag", "prompt", "prompt_file", "description", "probe")  # all a metatoken file may hold
 ESCAPED_INTERPOLATION = "\\${"  # `\${` writes a literal `${` (OmegaConf's own escape)
 
 
@@ -120,7 +125,9 @@ def resolve_metatoken(cfg, data_dir: str | Path, source: str = "conf/metatoken/?
             f"{source}: the prompt of {tag} is empty. Fix: set 'prompt' to the text the tag stands for, "
             f"or 'prompt_file' to a non-empty file under {data_dir}."
         )
-    return Metatoken(tag=tag, prompt=prompt, source=source, expanded=unescape(prompt))
+    from pipeline.probes import probe_from_config  # probes raise this module's ConfigError
+
+    return Metatoken(tag=tag, prompt=prompt, source=source, expanded=unescape(prompt), probe=probe_from_config(cfg.get("probe"), source))
 
 
 def metatoken_source() -> str:
@@ -179,7 +186,7 @@ def hydra_directives(text: str) -> list[str]:
 def read_metatoken_file(path: str | Path):
     """A metatoken file as plain data (a config node of MetatokenConfig), or ConfigError naming the file.
 
-    Only the four fields are allowed: no `# @package` header, no `hydra` or `defaults` keys (which
+    Only these fields are allowed: no `# @package` header, no `hydra` or `defaults` keys (which
     would make Hydra call code or pull in other configs), no interpolation (checked when resolved).
     """
     import yaml

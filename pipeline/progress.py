@@ -83,9 +83,10 @@ def _what(stage: str, manifest: dict) -> str:
     if stage == "train" and "steps" in manifest:
         return f"{manifest['steps']} steps on {get('examples', '?')} examples, mean loss {get('final_loss', float('nan')):.4f}"
     if stage == "evaluate" and "metrics" in manifest:
-        m = manifest["metrics"]
+        m, sets = manifest["metrics"], manifest.get("sets") or []
+        each = f" over {len(sets)} sets [" + ", ".join(f"{''.join(s['tags'])} {s['recovery']:.3f}" for s in sets) + "]" if len(sets) > 1 else ""
         return (
-            f"recovery {m['recovery']:.3f} (untrained tag {m.get('init_recovery', float('nan')):.3f}), "
+            f"recovery {m['recovery']:.3f}{each} (untrained tag {m.get('init_recovery', float('nan')):.3f}), "
             f"drift {m.get('drift_kl', float('nan')):.5f}, {m.get('prompt_tokens_saved', '?')} prompt tokens saved"
         )
     return "done"

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 PLOTS = "plots"
 FIGURES = {  # file stem -> (title, caption)
     "recovery": ("Recovery per tag", "Recovery per tag: the share of the prompt's effect the tag reproduces (1 = all "
-                 "of it, 0 = no more than no prompt), before and after training."),
+                 "of it, 0 = no more than no prompt), before and after training, with 95% bootstrap intervals over "
+                 "the held-out inputs; diamonds: the trained tag on training inputs."),
     "kl_per_position": ("Per-position KL to the teacher", "KL to the teacher (the model reading the full prompt) at "
                         "each position of its held-out answers: the base model without prompt (dashed), the untrained "
                         "tag (dotted) and the student with the tag (solid). Where the solid line is below the dashed "
@@ -63,14 +64,23 @@ def number(value, digits: int) -> str:
     return f"{value:.{digits}f}"
 
 
+def interval(bounds, digits: int) -> str:
+    """A 95% interval as `lo – hi` (n/a when the report predates intervals or it is undefined)."""
+    if not bounds or any(b is None or (isinstance(b, float) and math.isnan(b)) for b in bounds):
+        return "n/a"
+    return f"{bounds[0]:.{digits}f} – {bounds[1]:.{digits}f}"
+
+
 TABLE_HEADERS = [
     "tag",
     "effect KL",
     "residual KL",
     "recovery",
+    "recovery 95% interval",
     "drift KL",
     "prompt tokens saved",
     "recovery, untrained tag",
+    "recovery on training inputs",
 ]
 
 
@@ -82,10 +92,26 @@ def table_row(report: dict) -> list[str]:
         number(m["effect_kl"], 4),
         number(m["residual_kl"], 4),
         number(m["recovery"], 3),
+        interval(m.get("recovery_ci"), 3),
         number(m.get("drift_kl"), 5),
         str(m["prompt_tokens_saved"]),
         number(m.get("init_recovery"), 3),
+        number(m.get("train_recovery"), 3),
     ]
+
+
+PROBE_HEADERS = ["tag", "probe", "base", "teacher", "student", "retention", "retention 95% interval"]
+
+
+def probe_rows(report: dict) -> list[list[str]]:
+    """One row per probe of every evaluated set: the three models' values and the student's retention."""
+    rows = []
+    for s in report.get("sets") or [{"tags": report.get("tags"), **report["metrics"]}]:
+        for p in s.get("probes", []):
+            where = "" if "".join(s["tags"]) == p["tag"] else f" in {''.join(s['tags'])}"
+            rows.append([p["tag"] + where, p["measures"], number(p["base"], 2), number(p["teacher"], 2),
+                         number(p["student"], 2), number(p["retention"], 2), interval(p["retention_ci"], 2)])
+    return rows
 
 
 def loss_curve(train_log: list[dict]) -> tuple[list[int], list[float]]:
@@ -108,24 +134,36 @@ def plot_recovery(reports: list[dict], path: Path) -> Path:
     """Grouped bars per tag: recovery of the untrained tag and of the trained student."""
     import numpy as np
 
-    fig, ax = _figure(max(4.5, 1.4 * len(reports) + 2.5))
+    fig, ax = _figure(max(5.5, 1.4 * len(reports) + 2.5))
     x = np.arange(len(reports))
     floor = -1.0  # bars below are cut here (the label keeps the true value), so one bad init can't hide the rest
     for offset, key, name, color in ((-0.2, "init_recovery", "untrained tag", "#b0b0b0"), (0.2, "recovery", "trained", "C0")):
         values = [r["metrics"].get(key, float("nan")) for r in reports]
         shown = [max(v, floor) for v in values]
         bars = ax.bar(x + offset, shown, width=0.38, label=name, color=color)
+        bounds = [r["metrics"].get(key + "_ci") or [None, None] for r in reports]
+        if any(None not in b for b in bounds):  # 95% intervals over held-out inputs (reports from before have none)
+            # (a ratio's percentile interval can sit beside its point estimate, and bars are cut at the floor)
+            low = [max(0.0, v - max(b[0], floor)) if None not in b else 0.0 for v, b in zip(shown, bounds)]
+            high = [max(0.0, max(b[1], floor) - v) if None not in b else 0.0 for v, b in zip(shown, bounds)]
+            ax.errorbar(x + offset, shown, yerr=[low, high], fmt="none", ecolor="black", elinewidth=1, capsize=3)
         for bar, value in zip(bars, values):
             ax.annotate(f"{value:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         xytext=(0, 3 if bar.get_height() >= 0 else -11), textcoords="offset points",
                         ha="center", fontsize=8)
+    fit = [r["metrics"].get("train_recovery") for r in reports]
+    if any(v is not None for v in fit):  # the same scorer on training inputs: fit beside generalisation
+        ax.scatter([xi + 0.2 for xi, v in zip(x, fit) if v is not None], [max(v, floor) for v in fit if v is not None],
+                   marker="D", color="C1", zorder=3, label="trained, on training inputs")
     ax.axhline(1.0, color="C2", lw=1, ls="--", label="full prompt")
     ax.axhline(0.0, color="black", lw=0.8)
     ax.set_xticks(x, [label(r) for r in reports])
     ax.set_ylabel("recovery (1 - residual / effect)")
-    lowest = min(max(r["metrics"].get(k, 0.0), floor) for r in reports for k in ("init_recovery", "recovery"))
-    ax.set_ylim(min(0.0, lowest) - 0.1, 1.15)
-    ax.legend(loc="upper left", fontsize=8, ncols=3)
+    lows = [(r["metrics"].get(k + "_ci") or [None])[0] for r in reports for k in ("init_recovery", "recovery")]
+    lows += [r["metrics"].get(k, 0.0) for r in reports for k in ("init_recovery", "recovery")]
+    lowest = min(max(v, floor) for v in lows if v is not None)
+    ax.set_ylim(min(0.0, lowest) - 0.1, 1.45)  # room above 1 for the legend
+    ax.legend(loc="upper left", fontsize=7, ncols=2)
     ax.set_title("Recovery per tag")
     fig.savefig(path)
     return path
@@ -203,14 +241,29 @@ def blocks(reports: list[dict], figures: dict[str, Path]) -> list[tuple]:
         "|| base model without prompt); **residual** = KL(teacher with prompt || student with the tag); "
         "**recovery** = 1 - residual / effect (1: the tag does all the prompt did; 0: no more than no prompt); "
         "**drift** = KL(base || student) on untagged held-out inputs (what training cost elsewhere); "
-        "**prompt tokens saved** per call. The last column is the same recovery for the freshly added, untrained tag.",
+        "**prompt tokens saved** per call. **recovery, untrained tag**: the same for the freshly added tag; "
+        "**on training inputs**: the trained tag on inputs it was trained on (fit, beside the held-out generalisation). "
+        f"Intervals: 95% bootstrap over the inputs ({_resamples(reports)} resamples, each recomputing the token-weighted ratio).",
     ))
+    probes = [row for r in reports for row in probe_rows(r)]
+    if probes:
+        out.append(("h2", "Behaviour probes"))
+        out.append(("table", PROBE_HEADERS, probes))
+        out.append(("p", "Each probe counts one visible trait of the prompt in sampled answers to the held-out inputs "
+                         "(the base model without prompt, the teacher with it, the student with the tag; same sampling "
+                         "settings). **retention** = (student - base) / (teacher - base): 1 = as much as the teacher, "
+                         "0 = no more than the base model, above 1 = more than the teacher (a caricature)."))
+        patterns = {p["tag"]: p["pattern"] for r in reports for s in r.get("sets", []) for p in s.get("probes", []) if p.get("pattern")}
+        if patterns:
+            out.append(("p", "Patterns (case-insensitive): " + "; ".join(f"`{t}` `{pat}`" for t, pat in patterns.items()) + "."))
     for r in reports:
         if len(r.get("sets", [])) > 1:  # a remix run: every tag set, trained together or not
             out.append(("h2", f"Every tag set evaluated (`{label(r)}`)"))
-            out.append(("table", ["tags", "in training", "effect", "residual", "recovery", "untrained recovery", "prompt tokens saved"], [
+            out.append(("table", ["tags", "in training", "effect", "residual", "recovery", "95% interval", "untrained recovery",
+                                  "on training inputs", "prompt tokens saved"], [
                 ["".join(s["tags"]), "yes" if s["in_training"] else "**no**", number(s["effect_kl"], 4),
-                 number(s["residual_kl"], 4), number(s["recovery"], 3), number(s["init_recovery"], 3), str(s["prompt_tokens_saved"])]
+                 number(s["residual_kl"], 4), number(s["recovery"], 3), interval(s.get("recovery_ci"), 3),
+                 number(s["init_recovery"], 3), number(s.get("train_recovery"), 3), str(s["prompt_tokens_saved"])]
                 for s in r["sets"]
             ]))
     for r in reports:
@@ -236,7 +289,7 @@ def blocks(reports: list[dict], figures: dict[str, Path]) -> list[tuple]:
             f"epochs {train.get('epochs')}, max_steps {train.get('max_steps')}, lr {train.get('lr')}, "
             f"embedding_lr {train.get('embedding_lr')}. Context per call: teacher "
             f"{m['teacher_context_tokens']:.0f} tokens on average, student {m['student_context_tokens']:.0f}. "
-            f"Folder: `{_relative(r.get('output', r['folder']))}`.",
+            f"{_fit_and_drift(m)}Folder: `{_relative(r.get('output', r['folder']))}`.",
         ))
         out.append(("h3", "Samples (held-out inputs)"))
         for s in r["samples"]:
@@ -246,6 +299,23 @@ def blocks(reports: list[dict], figures: dict[str, Path]) -> list[tuple]:
                 (f"student, `{''.join(s.get('tags', [])) or label(r)}`", s["student"]),
             ]))
     return out
+
+
+def _resamples(reports: list[dict]) -> str:
+    counts = sorted({r.get("intervals", {}).get("resamples", 1000) for r in reports})
+    return " or ".join(f"{c:,}" for c in counts)
+
+
+def _fit_and_drift(m: dict) -> str:
+    """The details sentence on training-input recovery and drift's interval (empty for older reports)."""
+    text = ""
+    if m.get("train_examples"):
+        text += (f"On {m['train_examples']} training inputs (same scorer): effect {m['train_effect_kl']:.4f}, residual "
+                 f"{m['train_residual_kl']:.4f}, recovery {m['train_recovery']:.3f} ({interval(m.get('train_recovery_ci'), 3)}), "
+                 f"against {m['recovery']:.3f} held out. ")
+    if m.get("drift_kl_ci"):
+        text += f"Drift 95% interval {interval(m['drift_kl_ci'], 5)}. "
+    return text
 
 
 def _relative(path: str) -> str:
@@ -274,7 +344,7 @@ def to_markdown(doc: list[tuple]) -> str:
             headers, rows = block[1], block[2]
             lines.append("| " + " | ".join(headers) + " |")
             lines.append("|---|" + "---:|" * (len(headers) - 1))
-            lines += ["| " + " | ".join([f"`{row[0]}`", *row[1:]]) + " |" for row in rows]
+            lines += ["| " + " | ".join([f"`{row[0]}`", *(str(c).replace("|", "\\|") for c in row[1:])]) + " |" for row in rows]
             lines.append("")
         elif kind == "img":
             lines += [f"![{block[1]}]({block[3]})", "", f"*{block[2]}*", ""]

@@ -62,8 +62,10 @@ def stage_key(cfg, job: Job) -> dict:
         from pipeline.pretrain import data_key
 
         train_cfg.update(mode="pretrain", pretrain=data_key(cfg))
+    generate_key = generate.stage_key(cfg, job)
+    generate_key.pop("heldout_teacher", None)  # who answers the held-out inputs never touches training
     key = {
-        "generate": outputs.key_hash(generate.stage_key(cfg, job)),
+        "generate": outputs.key_hash(generate_key),
         "extend": outputs.key_hash(extend.stage_key(cfg, job)),
         "train": train_cfg,
     }
@@ -369,7 +371,15 @@ def _adapters_off(model):
         yield model
 
 
+def held_tag_ids(ext_dir: Path, tokenizer) -> list[int]:
+    """Ids of every tag the extended model holds: its new tags and, when bootstrapped, its teacher's."""
+    from pipeline.catalog import tags_of
+
+    return sorted(tokenizer.convert_tokens_to_ids(t) for t in tags_of(ext_dir))
+
+
 def save_student(model, tokenizer, out: Path, merge_lora: bool, tag_ids: list[int]) -> None:
+    """Save the student; `tag_ids` are every tag it holds (a bootstrapped student's inner tags too)."""
     # generate() in plain transformers then never writes a tag (the student reads tags, never emits them).
     model.generation_config.suppress_tokens = sorted(tag_ids)
     if hasattr(model, "merge_and_unload") and merge_lora:
@@ -494,7 +504,7 @@ def run(cfg) -> Path:
         distributed.barrier()  # every rank has written its last checkpoint files
         with distributed.full_params(trainer.model):  # ZeRO-3: gather the weights; rank 0 saves them
             if distributed.is_main():
-                save_student(trainer.model, tokenizer, work, train_cfg.merge_lora, tag_ids)
+                save_student(trainer.model, tokenizer, work, train_cfg.merge_lora, held_tag_ids(ext_dir, tokenizer))
         if not distributed.is_main():
             return out_dir
         outputs.write_json(work / "train_log.json", trainer.state.log_history)

@@ -139,12 +139,17 @@ def check_job(cfg, metatoken: Metatoken, model_path: str) -> None:
             f"{model_path}'s vocabulary. Fix: use at most {len(tokenizer)}."
         )
     window = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
-    if window:
-        needed = longest_context(tokenizer, rows, prompt, cfg.model.chat) + cfg.generate.max_new_tokens
+    if not window:
+        return
+    # Held-out inputs (and evaluation) always read the fully expanded prompt: the reference teacher.
+    readers = {"teacher": prompt, "reference teacher (held-out samples and evaluation)": metatoken.expanded}
+    for reader, text in readers.items():
+        needed = longest_context(tokenizer, rows, text, cfg.model.chat) + cfg.generate.max_new_tokens
         if needed > window:
             raise ConfigError(
-                f"{metatoken.source}: the teacher's context needs {needed} tokens (prompt, longest input and "
+                f"{metatoken.source}: the {reader}'s context needs {needed} tokens (prompt, longest input and "
                 f"{cfg.generate.max_new_tokens} new tokens), {needed - window} more than the model's window of {window}. "
-                f"Fix: shorten the prompt by at least {needed - window} tokens, lower generate.max_new_tokens, or "
-                f"use nested tags with generate.teacher_mode=bootstrap."
+                f"Fix: shorten the prompt by at least {needed - window} tokens or lower generate.max_new_tokens"
+                + (", or use nested tags with generate.teacher_mode=bootstrap." if reader == "teacher" else
+                   "; the expanded prompt is what recovery is measured against, so it must fit the window.")
             )

@@ -158,3 +158,21 @@ def plain_kl(p_logprobs: torch.Tensor, q_logprobs: torch.Tensor) -> list[float]:
         p = p_row.exp()
         kls.append(sum(float(p[v] * (p_row[v] - q_row[v])) for v in range(len(p)) if p[v] > 0))
     return kls
+
+
+@pytest.fixture()
+def no_weights(monkeypatch):
+    """Any attempt to load weights fails the test: validation must come first.
+
+    The stages bind `load_model` when they are imported (`from pipeline.models import load_model`),
+    so the name is replaced in each of them, not only in pipeline.models.
+    """
+    import importlib
+
+    def refuse(*args, **kwargs):
+        pytest.fail("weights were loaded")
+
+    for name in ("models", "generate", "extend", "train", "evaluate", "pretrain", "sample"):
+        module = importlib.import_module(f"pipeline.{name}")
+        if hasattr(module, "load_model"):
+            monkeypatch.setattr(module, "load_model", refuse)

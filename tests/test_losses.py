@@ -149,3 +149,43 @@ def test_topk_bins_are_the_recorded_distribution_coarsened():
     top, ids = torch.log_softmax(teacher, -1).topk(5, dim=-1)
     s_bins, t_bins = topk_bins(student, ids, top)
     assert torch.allclose(generalized_jsd(s_bins, t_bins, 0.0), topk_kl(student, ids, top), atol=1e-5)  # same bins
+
+
+def test_pooled_recovery_weights_inputs_by_their_tokens():
+    from pipeline.losses import pooled_recovery
+
+    # input A: residual 1 of effect 2 (recovery 0.5); input B: residual 1 of effect 8 (0.875).
+    # Pooled: 1 - 2/10 = 0.8, not the mean of the two ratios (0.6875).
+    assert pooled_recovery([1.0, 1.0], [2.0, 8.0]) == pytest.approx(0.8)
+
+
+def test_bootstrap_interval_of_two_inputs_spans_the_two_pure_resamples():
+    """Two inputs: a resample is AA, AB/BA or BB (probabilities 1/4, 1/2, 1/4), so the statistic takes
+    three values: 0.5 (AA), 0.8 (AB), 0.875 (BB). Of 1,000 resamples about 250 are AA and 250 BB,
+    so the 2.5th and 97.5th percentiles are exactly the AA and BB values."""
+    from pipeline.losses import bootstrap_interval, pooled_recovery
+
+    low, high = bootstrap_interval(pooled_recovery, [1.0, 1.0], [2.0, 8.0], resamples=1000, seed=0)
+    assert (low, high) == (pytest.approx(0.5), pytest.approx(0.875))
+    assert bootstrap_interval(pooled_recovery, [1.0, 1.0], [2.0, 8.0], seed=0) == (low, high)  # seeded: repeatable
+
+
+def test_bootstrap_interval_of_a_known_mean():
+    """Many inputs of one token each with values 0/1 (p = 0.3, n = 400): the interval of the mean
+    is close to the normal one, 0.3 +- 1.96 sqrt(0.3 * 0.7 / 400) = [0.255, 0.345]."""
+    import numpy as np
+
+    from pipeline.losses import bootstrap_interval, pooled_mean
+
+    values = np.array([1.0] * 120 + [0.0] * 280)
+    low, high = bootstrap_interval(pooled_mean, values, np.ones_like(values), resamples=1000, seed=1)
+    half = 1.96 * math.sqrt(0.3 * 0.7 / 400)
+    assert low == pytest.approx(0.3 - half, abs=0.008) and high == pytest.approx(0.3 + half, abs=0.008)
+
+
+def test_bootstrap_interval_drops_undefined_resamples_and_handles_no_inputs():
+    from pipeline.losses import bootstrap_interval, pooled_mean
+
+    # input B has no tokens: resamples of only B are undefined (0/0) and left out; the rest give 2.0.
+    assert bootstrap_interval(pooled_mean, [2.0, 0.0], [1.0, 0.0], seed=0) == (pytest.approx(2.0), pytest.approx(2.0))
+    assert all(math.isnan(v) for v in bootstrap_interval(pooled_mean, [], []))

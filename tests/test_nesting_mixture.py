@@ -126,15 +126,36 @@ def test_nested_tag_bootstrap_chain_of_two_levels_runs(tiny_cfg, tiny_data):
     assert {"<a>", "<b>", "<c>"} <= set(vocab)  # the final student knows the whole chain
     assert m2.expanded.startswith("You are a kind") and r2["metrics"]["effect_kl"] > 0
 
+    # It never writes any of them: the saved generation config suppresses the inner tags too,
+    # and pipeline.sample knows all three.
+    from pipeline.sample import Sampler
 
-def test_bootstrap_teacher_without_the_inner_tag_is_rejected_before_compute(tiny_cfg, tiny_model, tiny_data, monkeypatch):
-    import pipeline.models
+    gen_config = json.loads((level2 / "generation_config.json").read_text())
+    assert sorted(gen_config["suppress_tokens"]) == sorted(vocab[t] for t in ("<a>", "<b>", "<c>"))
+    assert Sampler(level2).known == ["<a>", "<b>", "<c>"]
+
+    # Held-out samples come from the reference teacher (the base model reading the expanded prompt)
+    # and the base model in bootstrap mode too: the same records as expand mode's, so the two
+    # modes' recoveries are scored on the same samples.
+    from datasets import load_from_disk
+
+    from pipeline import generate
+
+    def heldout(*extra):
+        cfg = tiny_cfg(*common, "metatoken.tag='<b>'", "metatoken.prompt='<a> Always answer about the river bank.'", *extra)
+        rows = load_from_disk(str(generate.output_dir(cfg, job_from_config(cfg)) / "dataset"))
+        return [(r["id"], r["output_ids"], r["topk_logprobs"], r["base_output_ids"]) for r in rows if r["split"] == "heldout"]
+
+    run_stages(tiny_cfg(*common, "stage=generate", "metatoken.tag='<b>'", "metatoken.prompt='<a> Always answer about the river bank.'"))
+    assert heldout("generate.teacher_mode=bootstrap", f"generate.bootstrap_model={level0}") == heldout()
+
+
+def test_bootstrap_teacher_without_the_inner_tag_is_rejected_before_compute(no_weights, tiny_cfg, tiny_model, tiny_data):
     from pipeline.__main__ import run_stages
 
     conf = tiny_data / "metatokens"
     conf.mkdir()
     (conf / "a.yaml").write_text('tag: "<a>"\nprompt: Be kind.\n')
-    monkeypatch.setattr(pipeline.models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     cfg = tiny_cfg(f"paths.metatokens={conf}", "metatoken.prompt_file=null", "metatoken.tag='<b>'",
                    "metatoken.prompt='<a> More.'", "generate.teacher_mode=bootstrap", f"generate.bootstrap_model={tiny_model}")
     with pytest.raises(ConfigError, match=r"<b> uses <a>, which the bootstrap teacher .* does not know"):
@@ -186,6 +207,20 @@ def test_remix_run_trains_sets_and_reports_an_untrained_pair(tiny_cfg, tiny_data
     assert pair["effect_kl"] == pytest.approx(sum(kls) / len(kls), rel=1e-4)
     assert {tuple(s["tags"]) for s in report["sets"] if s["in_training"]} == {("<kind>",), ("<fox>",)}
 
+    # The headline is token-weighted over every evaluated set (each set's tokens from the dataset).
+    tokens = {s: sum(len(r["output_ids"]) for r in data if r["split"] == "heldout" and tuple(r["tags"]) == s) for s in heldout_sets}
+    weighted = lambda key: sum(x[key] * tokens[tuple(x["tags"])] for x in report["sets"]) / sum(tokens.values())  # noqa: E731
+    m = report["metrics"]
+    assert m["pooled_sets"] == 3 and m["effect_kl"] == pytest.approx(weighted("effect_kl"), rel=1e-5)
+    assert m["recovery"] == pytest.approx(1 - weighted("residual_kl") / weighted("effect_kl"), rel=1e-5)
+    assert m["init_recovery"] == pytest.approx(1 - weighted("init_residual_kl") / weighted("effect_kl"), rel=1e-5)
+    assert m["recovery_ci"][0] <= m["recovery"] <= m["recovery_ci"][1]
+    train_tokens = {s: sum(len(r["output_ids"]) for r in data if r["split"] == "train" and tuple(r["tags"]) == s)
+                    for s in (("<kind>",), ("<fox>",))}  # evaluate.train_examples (32) exceeds the tiny run's inputs
+    fit = [x for x in report["sets"] if x["in_training"]]
+    residual = sum(x["train_residual_kl"] * train_tokens[tuple(x["tags"])] for x in fit)
+    assert m["train_recovery"] == pytest.approx(1 - residual / sum(x["train_effect_kl"] * train_tokens[tuple(x["tags"])] for x in fit), rel=1e-5)
+
 
 def test_random_tag_order_is_per_example_and_reproducible():
     from pipeline.job import Job
@@ -204,3 +239,22 @@ def test_random_tag_order_is_per_example_and_reproducible():
     assert len(orders) == 6
     record = {"id": "r1", "tags": ["<a>", "<b>"], "input": "x"}
     assert student_context(job, record, Tok(), False, 0) == student_context(job, record, Tok(), False, 0)
+
+
+def test_in_training_compares_tag_sets_as_sets():
+    from pipeline.job import Job
+
+    job = Job({t: Metatoken(t, "p", "x") for t in ("<a>", "<b>", "<c>")}, (("<a>", "<b>"), ("<c>",), ()), (1.0, 1.0, 0.1), ())
+    assert job.in_training(("<b>", "<a>")) and job.in_training(("<a>", "<b>")) and job.in_training(("<c>",))
+    assert not job.in_training(("<a>",)) and not job.in_training(("<a>", "<c>")) and not job.in_training(())
+
+
+@pytest.mark.parametrize("sets, heldout", [("[[kind],[fox]]", "[[fox]]"), ("[[kind,fox],[fox]]", "[[fox,kind]]")])
+def test_heldout_set_that_is_also_trained_is_rejected(tiny_cfg, tiny_data, sets, heldout):
+    conf = tiny_data / "metatokens"
+    conf.mkdir()
+    (conf / "kind.yaml").write_text('tag: "<kind>"\nprompt: Be kind.\n')
+    (conf / "fox.yaml").write_text('tag: "<fox>"\nprompt: Mention the fox.\n')
+    cfg = tiny_cfg(f"paths.metatokens={conf}", f"mixture.sets={sets}", "mixture.weights=[1,1]", f"mixture.heldout_sets={heldout}")
+    with pytest.raises(ConfigError, match=r"mixture.heldout_sets: \[\[.*\]\] also appear in mixture.sets .*Fix: remove them"):
+        job_from_config(cfg)

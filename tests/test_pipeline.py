@@ -138,10 +138,8 @@ def test_typo_in_config_fails_at_composition():
         compose(["metatoken=no_such_tag"])
 
 
-def test_bad_metatoken_fails_before_any_model_loads(tiny_cfg, monkeypatch):
-    import pipeline.models
+def test_bad_metatoken_fails_before_any_model_loads(no_weights, tiny_cfg):
 
-    monkeypatch.setattr(pipeline.models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(ConfigError, match="field 'tag'"):
         run_stages(tiny_cfg("metatoken.tag=nice"))
     with pytest.raises(ConfigCompositionException, match="stage=tran"):  # a closed choice: fails at composition

@@ -133,10 +133,8 @@ def test_interrupted_pretraining_resumes_to_the_same_weights(pretrain_cfg, monke
         (["train.pretrain.tagged_share=1.5"], "train.pretrain.tagged_share is 1.5"),
     ],
 )
-def test_bad_pretrain_settings_fail_before_any_model_loads(pretrain_cfg, monkeypatch, overrides, message):
-    import pipeline.models
+def test_bad_pretrain_settings_fail_before_any_model_loads(no_weights, pretrain_cfg, monkeypatch, overrides, message):
 
-    monkeypatch.setattr(pipeline.models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(ConfigError, match=message):
         run_stages(pretrain_cfg(*overrides))
 

@@ -1,5 +1,6 @@
 """What a user sees, on one tiny run: stage summary lines, the report, the sample command, the list command."""
 import contextlib
+import html
 import io
 import json
 import re
@@ -53,10 +54,12 @@ def assert_row_matches(row: list[str], data: dict, tag: str) -> None:
     assert row[0] == f"`{tag}`"
     for cell, key, digits in (
         (row[1], "effect_kl", 4), (row[2], "residual_kl", 4), (row[3], "recovery", 3),
-        (row[4], "drift_kl", 5), (row[6], "init_recovery", 3),
+        (row[5], "drift_kl", 5), (row[7], "init_recovery", 3), (row[8], "train_recovery", 3),
     ):
         assert float(cell) == pytest.approx(m[key], abs=0.51 * 10**-digits), key
-    assert int(row[5]) == m["prompt_tokens_saved"]
+    low, high = (float(v) for v in row[4].split(" – "))
+    assert (low, high) == (pytest.approx(m["recovery_ci"][0], abs=5.1e-4), pytest.approx(m["recovery_ci"][1], abs=5.1e-4))
+    assert int(row[6]) == m["prompt_tokens_saved"]
 
 
 def test_each_stage_prints_one_summary_line(run, capsys):
@@ -85,8 +88,9 @@ def test_report_files_and_table_match_report_json(run):
     # The HTML stands alone: every image inline, the same figures in its table.
     page = (run.eval_dir / "report.html").read_text()
     assert page.count("src='data:image/png;base64,") == 3 and "src='plots/" not in page
-    cells = re.findall(r"<td class='num'>([^<]*)</td>", page)
-    assert cells == row[1:]
+    results = page.split("<table class='results'>")[1].split("</table>")[0]
+    cells = re.findall(r"<td class='num'>([^<]*)</td>", results)
+    assert [html.unescape(c) for c in cells] == row[1:]
 
     # Per-position KL: the token-weighted mean over positions gives back the reported means.
     pp, m = data["per_position"], data["metrics"]
@@ -238,3 +242,29 @@ def test_progress_switch_and_durations():
     finally:
         progress.configure(None)
     assert [progress.duration(s) for s in (4.24, 245, 3725)] == ["4.2s", "4m05s", "1h02m"]
+
+
+def test_a_report_from_before_intervals_and_probes_still_renders(run, tmp_path):
+    data = json.loads((run.eval_dir / "report.json").read_text())
+    new = ("_ci", "train_", "probes", "pooled_sets")
+    strip = lambda d: {k: v for k, v in d.items() if not any(n in k for n in new)}  # noqa: E731
+    data["metrics"], data["sets"] = strip(data["metrics"]), [strip(s) for s in data["sets"]]
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "report.json").write_text(json.dumps(data))
+    report.render(old)
+    markdown = (old / "report.md").read_text()
+    (row,) = table_rows(markdown)
+    assert row[4] == "n/a" and row[8] == "n/a" and float(row[3]) == pytest.approx(data["metrics"]["recovery"], abs=5e-4)
+    assert "Behaviour probes" not in markdown and "training inputs (same scorer)" not in markdown
+    assert "Behaviour probes" in (run.eval_dir / "report.md").read_text()  # the new report has them
+
+
+def test_summary_line_of_a_run_with_several_sets_lists_each_beside_the_headline():
+    from pipeline.progress import _what
+
+    manifest = {"metrics": {"recovery": 0.25, "init_recovery": 0.0, "drift_kl": 0.001, "prompt_tokens_saved": 300},
+                "sets": [{"tags": ["<a>"], "recovery": 0.1}, {"tags": ["<a>", "<b>"], "recovery": 0.4}]}
+    assert _what("evaluate", manifest).startswith("recovery 0.250 over 2 sets [<a> 0.100, <a><b> 0.400] (untrained tag 0.000)")
+    manifest["sets"] = manifest["sets"][:1]
+    assert _what("evaluate", manifest).startswith("recovery 0.250 (untrained tag")

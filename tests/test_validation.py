@@ -3,15 +3,8 @@ import json
 
 import pytest
 
-import pipeline.models
 from pipeline.__main__ import run_stages
 from pipeline.metatokens import ConfigError
-
-
-@pytest.fixture()
-def no_weights(monkeypatch):
-    """Any attempt to load weights fails the test: validation must come first."""
-    monkeypatch.setattr(pipeline.models, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
 
 
 def write(path, text):
@@ -118,3 +111,20 @@ def test_same_config_and_seed_give_the_same_dataset_and_model(tiny_cfg, tmp_path
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
     manifest = json.loads((train_a / "manifest.json").read_text())
     assert {"torch", "transformers", "peft"} <= set(manifest["versions"]) and manifest["key"]["train"]["seed"] == 0
+
+
+def test_bootstrap_prompt_whose_expansion_does_not_fit_is_rejected(tiny_cfg, tiny_data, tiny_model, no_weights):
+    """The bootstrap teacher reads the short prompt, but held-out samples and evaluation read the expanded one."""
+    conf = tiny_data / "metatokens"
+    write(conf / "long.yaml", 'tag: "<long>"\nprompt: "' + "be kind " * 600 + '"\n')
+    from transformers import AutoTokenizer
+
+    teacher = tiny_data.parent / "knows-long"
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.add_tokens(["<long>"], special_tokens=True)
+    tok.save_pretrained(teacher)
+    (teacher / "config.json").write_text((tiny_model / "config.json").read_text())
+    cfg = tiny_cfg(f"paths.metatokens={conf}", "metatoken.prompt_file=null", "metatoken.tag='<outer>'",
+                   "metatoken.prompt='<long> Short.'", "generate.teacher_mode=bootstrap", f"generate.bootstrap_model={teacher}")
+    with pytest.raises(ConfigError, match=r"the reference teacher .*'s context needs \d+ tokens.*must fit the window"):
+        run_stages(cfg)
