@@ -219,7 +219,7 @@ def run(cfg) -> Path:
     # Shards live in the stage's .partial folder on every rank (each writes its own batches), so a
     # killed job, restarted with the same command, picks up every finished batch.
     shard_root = out_dir.with_name(f".{out_dir.name}.partial") / "shards"
-    with outputs.atomic_stage_dir(out_dir, "generate", stage_key(cfg, job), keep_partial=True) as (work, manifest):
+    with outputs.atomic_stage_dir(out_dir, "generate", stage_key(cfg, job), keep_partial=True, config=cfg) as (work, manifest):
         base = {}
         if cfg.generate.base_samples and heldout_rows:  # the model without prompt, for drift and side by side
             plain = [context_ids(tokenizer, r["text"], None, chat) for r in heldout_rows]
