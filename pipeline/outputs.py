@@ -75,6 +75,24 @@ def read_manifest(out_dir: Path) -> dict:
     return json.loads((out_dir / MANIFEST).read_text())
 
 
+def train_manifest(folder: str | Path, by: str) -> dict:
+    """A finished train output's manifest; a clear error (for command `by`) when the folder is not one."""
+    from pipeline.metatokens import ConfigError
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(f"{by}: {folder} is not a folder. Fix: give a finished train output, e.g. outputs/train/<tag>-<hash>.")
+    if not is_complete(folder):
+        raise ConfigError(
+            f"{by}: {folder} has no {MANIFEST}, so it is not a finished train output (or it is still running). "
+            "Fix: give a folder under outputs/train/ that `python -m pipeline stage=train` completed."
+        )
+    manifest = read_manifest(folder)
+    if manifest.get("stage") != "train":
+        raise ConfigError(f"{by}: {folder} is a {manifest.get('stage')!r} output, not a trained model. Fix: give a folder under outputs/train/.")
+    return manifest
+
+
 def write_text(path: Path, text: str) -> None:
     """Write a text file atomically: a reader sees the old file or the new one, never half of one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
