@@ -114,6 +114,7 @@ class ModelConfig:
     name: str = MISSING  # short name used in output folder names
     path: str = MISSING  # Hugging Face id or local directory
     gguf_package: Optional[str] = None  # if set: `path` is made once by converting the GGUF file in this package
+    hub_id: Optional[str] = None  # the model's Hugging Face id, for model cards' base_model (default: `path` when it is not a local folder)
     chat: bool = True  # chat model: the prompt is the system message; base model: the prompt is a text prefix
     dtype: Dtype = Dtype.float32
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", ...

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from datasets import load_from_disk
-from pipeline import extend, generate, outputs, report as reports, train
+from pipeline import card, extend, generate, outputs, report as reports, train
 from pipeline.data import gather_positions, pad_examples
 from pipeline.formats import context_ids
 from pipeline.catalog import tags_of
@@ -345,10 +345,11 @@ def run(cfg) -> Path:
         "output": str(out_dir),
         "inputs": {"generate": str(gen_dir), "extend": str(ext_dir), "train": str(train_dir)},
     }
-    with outputs.atomic_stage_dir(out_dir, "evaluate", stage_key(cfg, job)) as (work, manifest):
+    with outputs.atomic_stage_dir(out_dir, "evaluate", stage_key(cfg, job), config=cfg) as (work, manifest):
         outputs.write_json(work / "report.json", report)
         reports.render(work)  # report.md, report.html, plots/
         manifest.update(metrics=report["metrics"], sets=sets)
+    card.refresh(train_dir, report, cfg, job)  # the train folder's model card gets recovery and drift
     if cfg.logger.report_to == "wandb":
         reports.log_to_wandb(out_dir, cfg.logger)
     print((out_dir / "report.md").read_text())

@@ -119,7 +119,7 @@ def run(cfg) -> Path:
     tokenizer = load_tokenizer(model_path)
     model = load_model(model_path, cfg.model.dtype, "cpu")
     ids = extend_model(model, tokenizer, metatokens, cfg.extend.init)
-    with outputs.atomic_stage_dir(out_dir, "extend", stage_key(cfg, job)) as (work, manifest):
+    with outputs.atomic_stage_dir(out_dir, "extend", stage_key(cfg, job), config=cfg) as (work, manifest):
         model.save_pretrained(work)
         tokenizer.save_pretrained(work)
         manifest.update(model_path=model_path, tag_ids=ids, vocab_size=len(tokenizer))

@@ -260,7 +260,7 @@ def run(cfg) -> Path:
     # Shards live in the stage's .partial folder on every rank (each writes its own batches), so a
     # killed job, restarted with the same command, picks up every finished batch.
     shard_root = out_dir.with_name(f".{out_dir.name}.partial") / "shards"
-    with outputs.atomic_stage_dir(out_dir, "generate", stage_key(cfg, job), keep_partial=True) as (work, manifest):
+    with outputs.atomic_stage_dir(out_dir, "generate", stage_key(cfg, job), keep_partial=True, config=cfg) as (work, manifest):
         base, answers, decoders = {}, {}, {}
         for model_path, mode, own_groups, with_base in sampling_passes(cfg, groups):
             tokenizer, pass_base, pass_answers = sample_pass(cfg, job, model_path, mode, own_groups, heldout_rows, with_base, shard_root)

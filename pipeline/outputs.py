@@ -156,11 +156,34 @@ def read_manifest(out_dir: Path) -> dict:
     return json.loads((out_dir / MANIFEST).read_text())
 
 
-def write_json(path: Path, obj) -> None:
-    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
+def train_manifest(folder: str | Path, by: str) -> dict:
+    """A finished train output's manifest; a clear error (for command `by`) when the folder is not one."""
+    from pipeline.metatokens import ConfigError
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(f"{by}: {folder} is not a folder. Fix: give a finished train output, e.g. outputs/train/<tag>-<hash>.")
+    if not is_complete(folder):
+        raise ConfigError(
+            f"{by}: {folder} has no {MANIFEST}, so it is not a finished train output (or it is still running). "
+            "Fix: give a folder under outputs/train/ that `python -m pipeline stage=train` completed."
+        )
+    manifest = read_manifest(folder)
+    if manifest.get("stage") != "train":
+        raise ConfigError(f"{by}: {folder} is a {manifest.get('stage')!r} output, not a trained model. Fix: give a folder under outputs/train/.")
+    return manifest
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically: a reader sees the old file or the new one, never half of one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON atomically (see write_text)."""
+    write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def versions() -> dict:
@@ -179,8 +202,11 @@ def versions() -> dict:
 
 
 @contextmanager
-def atomic_stage_dir(out_dir: Path, stage: str, key: dict, keep_partial: bool = False, shared: bool = False):
+def atomic_stage_dir(out_dir: Path, stage: str, key: dict, keep_partial: bool = False, shared: bool = False, config=None):
     """Yield a work folder and a manifest dict; on success write the manifest and move it into place.
+
+    The manifest records the key (what the folder name hashes) and, given `config`, the whole resolved
+    config the stage ran with, so a later job (pipeline.port) can re-run it with one thing changed.
 
     With keep_partial, an interrupted run's work folder is reused (stages that can resume use it).
     Under several ranks rank 0 alone writes the stage folder: the other ranks get a scratch folder
@@ -202,6 +228,8 @@ def atomic_stage_dir(out_dir: Path, stage: str, key: dict, keep_partial: bool = 
         shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
     manifest = {"stage": stage, "key": key, "key_hash": key_hash(key), "versions": versions()}
+    if config is not None:
+        manifest["config"] = plain(config)
     started = time.time()
     yield partial, manifest
     manifest["seconds"] = round(time.time() - started, 1)

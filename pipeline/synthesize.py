@@ -186,7 +186,7 @@ def run(cfg) -> Path | None:
     model_path = start_model_path(cfg)
     tokenizer = load_tokenizer(model_path)
     model = load_model(model_path, cfg.model.dtype, cfg.model.device)
-    with outputs.atomic_stage_dir(out_dir, "synthesize", stage_key(cfg, job), keep_partial=True) as (work, manifest):
+    with outputs.atomic_stage_dir(out_dir, "synthesize", stage_key(cfg, job), keep_partial=True, config=cfg) as (work, manifest):
         rows, sampled = write_requests(model, tokenizer, job, cfg, work)
         (work / FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
         for shards in work.glob("round-*"):  # the file holds every kept request

@@ -33,7 +33,7 @@ from datasets import load_from_disk
 from transformers import Trainer, TrainingArguments, get_scheduler, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from pipeline import distributed, extend, generate, onpolicy, outputs, progress, tracking
+from pipeline import card, distributed, extend, generate, onpolicy, outputs, progress, tracking
 from pipeline.data import gather_positions, pad_2d, pad_examples
 from pipeline.formats import context_ids
 from pipeline.losses import full_kl, masked_mean, suppress, token_cross_entropy, topk_bins, topk_kl
@@ -440,7 +440,7 @@ def run(cfg) -> Path:
     n_examples = len(records) if pretraining else len(examples)
 
     ds_config = distributed.deepspeed_config(cfg)  # validated before any training work
-    with outputs.atomic_stage_dir(out_dir, "train", stage_key(cfg, job), keep_partial=True, shared=True) as (work, manifest):
+    with outputs.atomic_stage_dir(out_dir, "train", stage_key(cfg, job), keep_partial=True, shared=True, config=cfg) as (work, manifest):
         global_batch = train_cfg.batch_size * train_cfg.grad_accum * distributed.world_size()
         if pretraining:
             total_steps = pretrain_steps
@@ -517,6 +517,8 @@ def run(cfg) -> Path:
             world_size=distributed.world_size(),
             deepspeed_stage=ds_config["zero_optimization"]["stage"] if ds_config else None,
         )
+        manifest["card"] = card.facts(cfg, job, tokenizer)  # the model card's facts, for evaluate to add its scores
+        card.write(work, manifest, name=out_dir.name)
         shutil.rmtree(work / "checkpoints", ignore_errors=True)
     log.info("train: %d examples, %d steps, loss %.4f -> %s", n_examples, total_steps, result.training_loss, out_dir)
     return out_dir
