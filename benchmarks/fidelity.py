@@ -78,7 +78,8 @@ def run_one(name: str) -> dict:
     eval_dir = folders["evaluate"]
     report = json.loads((eval_dir / "report.json").read_text())
     if "recovery_ci" not in report["metrics"]:  # scored before intervals and probes existed: score again
-        eval_dir = pipeline(name, [*COMMON, *overrides, "stage=evaluate", "force=true"])["evaluate"]
+        args = [a for a in COMMON if not a.startswith("stage=")] + overrides + ["stage=evaluate", "force=true"]
+        eval_dir = pipeline(name, args)["evaluate"]
         report = json.loads((eval_dir / "report.json").read_text())
     train_dir = Path(report["inputs"]["train"])
     return {
