@@ -35,6 +35,7 @@ RUNS: dict[str, tuple[str, float, list[str]]] = {
     "data-256": ("training inputs", 256, []),
     "data-512": ("training inputs", 512, ["inputs.synthetic.count=256", "train.epochs=1"]),
     "data-768": ("training inputs", 768, ["inputs.synthetic.count=512", "train.epochs=1"]),
+    "data-512-e3": ("epochs (512 inputs)", 3, ["inputs.synthetic.count=256"]),
     "epochs-1": ("epochs (256 inputs)", 1, ["train.epochs=1"]),
     "online-256": ("teacher: online full vocabulary", 256, ["train.teacher=online"]),
     "onpolicy-256": ("objective: on-policy", 256, ["train.objective=onpolicy"]),
