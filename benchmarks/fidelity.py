@@ -18,6 +18,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +76,7 @@ def pipeline(name: str, args: list[str]) -> dict[str, Path]:
 def run_one(name: str) -> dict:
     """Run the pipeline for one study run (cached stages are reused) and collect its report."""
     group, x, overrides = RUNS[name]
+    started = time.time()
     folders = pipeline(name, [*COMMON, *overrides])
     eval_dir = folders["evaluate"]
     report = json.loads((eval_dir / "report.json").read_text())
@@ -91,7 +93,9 @@ def run_one(name: str) -> dict:
         "heldout_examples": report["heldout_examples"],
         "scored_tokens": report["scored_tokens"],
         "train_examples": json.loads((train_dir / "manifest.json").read_text()).get("examples"),
-        "seconds": {stage: stage_seconds(Path(f) if stage != "evaluate" else eval_dir) for stage, f in folders.items()},
+        # each stage's own seconds (from its manifest; a reused stage keeps the seconds of the run that made it)
+        "seconds": {stage: stage_seconds(f) for stage, f in folders.items() if stage != "evaluate"},
+        "wall_seconds_this_call": round(time.time() - started, 1),
         "evaluate_dir": str(eval_dir.relative_to(ROOT)),
     }
 
@@ -107,6 +111,11 @@ def run(names: list[str]) -> None:
         tmp = RESULTS.with_suffix(".tmp")
         tmp.write_text(json.dumps(results, indent=2) + "\n")
         tmp.replace(RESULTS)  # atomic: a killed study keeps every finished run
+
+
+def probe_retention(metrics: dict) -> str:
+    probes = metrics.get("probes") or []
+    return "; ".join(fmt_ci(p, "retention") for p in probes) or "–"
 
 
 def fmt_ci(metrics: dict, key: str) -> str:
@@ -127,7 +136,7 @@ def table() -> None:
         m = r["metrics"]
         lines.append(
             f"| {name} | {r['group']} | {r['train_examples']} | {fmt_ci(m, 'recovery')} | {fmt_ci(m, 'train_recovery')} | "
-            f"{fmt_ci(m, 'probe_retention')} | {m.get('drift_kl', float('nan')):.4f} | {r['seconds'].get('train') or '–'} | "
+            f"{probe_retention(m)} | {m.get('drift_kl', float('nan')):.4f} | {r['seconds'].get('train') or '–'} | "
             f"`{r['command']}` |"
         )
     (DOCS / "table.md").write_text("\n".join(lines) + "\n")
