@@ -41,6 +41,7 @@ def stage_key(cfg, job: Job) -> dict:
         "mixture_seed": cfg.mixture.seed,
         "inputs": {**outputs.plain(cfg.inputs), "file": outputs.file_sha(cfg.inputs.file)},
         "generate": generate_key(cfg.generate),
+        **({"bootstrap": outputs.bootstrap_key(cfg.generate)} if cfg.generate.teacher_mode == "bootstrap" else {}),
     }
 
 
