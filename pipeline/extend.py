@@ -33,7 +33,7 @@ def stage_key(cfg, job: Job) -> dict:
         "model": outputs.model_key(cfg.model),
         "tags": {m.tag: m.prompt_sha for m in job.metatokens.values()},
         "extend": outputs.plain(cfg.extend),
-        "start": outputs.model_key(cfg.model) if cfg.generate.teacher_mode == "expand" else cfg.generate.bootstrap_model,
+        "start": outputs.model_key(cfg.model) if cfg.generate.teacher_mode == "expand" else outputs.bootstrap_key(cfg.generate),
     }
 
 

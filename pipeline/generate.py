@@ -49,6 +49,7 @@ def stage_key(cfg, job: Job) -> dict:
         # bootstrap: held-out inputs are answered by the reference teacher and the base model, not the
         # bootstrap model (expand-mode keys stay as they were: there the two are the same model)
         **({"heldout_teacher": REFERENCE} if cfg.generate.teacher_mode == "bootstrap" else {}),
+        **({"bootstrap": outputs.bootstrap_key(cfg.generate)} if cfg.generate.teacher_mode == "bootstrap" else {}),
     }
 
 

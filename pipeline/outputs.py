@@ -33,12 +33,74 @@ def file_sha(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if Path(path).is_file() else f"missing:{path}"
 
 
+MODEL_FILES = ("config.json", "*.safetensors", "*.bin", "tokenizer.json", "tokenizer_config.json")  # what a model is
+
+
+def _hash_cache_path() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "metatoken-pipeline" / "file-hashes.json"
+
+
+def cached_file_sha(path: Path, cache: dict) -> str:
+    """A file's content hash, reused while its path, size and mtime are unchanged (weights are large)."""
+    stat = path.stat()
+    entry = cache.get(str(path.resolve()))
+    if entry and entry["size"] == stat.st_size and entry["mtime_ns"] == stat.st_mtime_ns:
+        return entry["sha"]
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    cache[str(path.resolve())] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha": digest.hexdigest()}
+    return digest.hexdigest()
+
+
+def model_content(path: str | Path) -> str | None:
+    """One hash of a local model folder's config, tokenizer and weight files (None for a hub id: no network here).
+
+    Replacing the weights at the same path gives a new hash, so no stage reuses results of the old model.
+    """
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return None
+    files = sorted({f for pattern in MODEL_FILES for f in folder.glob(pattern) if f.is_file()})
+    cache_path = _hash_cache_path()
+    try:
+        cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    except (OSError, ValueError):
+        cache = {}
+    digests = {f.name: cached_file_sha(f, cache) for f in files}
+    try:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(cache_path, cache)
+    except OSError:  # a read-only home: hash again next time
+        pass
+    return key_hash(digests) if digests else None
+
+
+def package_version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 def model_key(model_cfg) -> dict:
-    """What identifies the base model: its source (package or id/path relative to the project) and format."""
+    """What identifies the base model: its source (package or id/path relative to the project), its format, and
+    its content (files' hash; for the default model also the version of the package its GGUF file comes from)."""
     from pipeline.config import PROJECT_ROOT
 
     source = model_cfg.gguf_package or str(model_cfg.path).replace(str(PROJECT_ROOT), ".")
-    return {"source": source, "chat": model_cfg.chat, "dtype": model_cfg.dtype}
+    key = {"source": source, "chat": model_cfg.chat, "dtype": model_cfg.dtype, "content": model_content(model_cfg.path)}
+    if model_cfg.gguf_package:
+        key["package_version"] = package_version(model_cfg.gguf_package)
+    return key
+
+
+def bootstrap_key(gen_cfg) -> dict:
+    """A bootstrap teacher (a trained output) by its path and its files' content."""
+    return {"path": gen_cfg.bootstrap_model, "content": model_content(gen_cfg.bootstrap_model or "")}
 
 
 def key_hash(key: dict) -> str:
