@@ -144,30 +144,38 @@ def table() -> None:
     plot(results)
 
 
+def epochs_of(result: dict) -> int:
+    match = re.search(r"train\.epochs=(\d+)", result["command"])
+    return int(match.group(1)) if match else 3  # the default
+
+
 def plot(results: dict) -> None:
+    """Held-out recovery (with its interval) against training inputs, one line per epoch count, and the
+    recovery on training inputs dotted: the gap between the two is what does not generalise."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curve = sorted((r for r in results.values() if r["group"] == "training inputs"), key=lambda r: r["x"])
-    if not curve:
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("recovery", "held-out inputs"), ("train_recovery", "training inputs")):
-        points = [(r["x"], r["metrics"][key], r["metrics"].get(key + "_ci")) for r in curve if key in r["metrics"]]
-        if not points:
+    default_recipe = [r for r in results.values() if r["group"] == "training inputs" or r["group"].startswith("epochs")]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for epochs, color in ((3, "tab:blue"), (1, "tab:orange")):
+        curve = sorted((r for r in default_recipe if epochs_of(r) == epochs), key=lambda r: r["train_examples"])
+        if not curve:
             continue
-        xs, ys, cis = zip(*points)
-        err = [[y - c[0] for y, c in zip(ys, cis)], [c[1] - y for y, c in zip(ys, cis)]] if all(cis) else None
-        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
+        xs = [r["train_examples"] for r in curve]
+        for key, style, label in (("recovery", "-o", "held-out"), ("train_recovery", ":s", "training inputs")):
+            ys = [r["metrics"][key] for r in curve]
+            cis = [r["metrics"][key + "_ci"] for r in curve]
+            err = [[y - c[0] for y, c in zip(ys, cis)], [c[1] - y for y, c in zip(ys, cis)]]
+            ax.errorbar(xs, ys, yerr=err, fmt=style, color=color, capsize=3, label=f"{epochs} epoch{'s' * (epochs > 1)}, {label}")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("training inputs")
+    ax.set_xlabel("training inputs (beyond 253: synthesized)")
     ax.set_ylabel("recovery (full-vocabulary KL)")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0.5, 1)
     ax.axhline(0.9, color="grey", linestyle=":", linewidth=1)
-    ax.set_title("<pirate> on SmolLM2-135M-Instruct")
-    ax.legend()
+    ax.set_title("<pirate> on SmolLM2-135M-Instruct, 67 held-out inputs, 95% CI")
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(DOCS / "learning_curve.png", dpi=120)
 
