@@ -176,3 +176,12 @@ def no_weights(monkeypatch):
         module = importlib.import_module(f"pipeline.{name}")
         if hasattr(module, "load_model"):
             monkeypatch.setattr(module, "load_model", refuse)
+
+
+@pytest.fixture()
+def pinned_model_content(monkeypatch):
+    """Hold the model's content hash fixed (it differs between conversions), so stage-key pins check the rest."""
+    from pipeline import outputs
+
+    monkeypatch.setattr(outputs, "model_content", lambda path: "pinned-content")
+    monkeypatch.setattr(outputs, "package_version", lambda package: "0.1.2")

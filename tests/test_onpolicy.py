@@ -24,15 +24,16 @@ from tests.test_losses import brute_force_jsd
 PROMPT = "You are a kind and warm assistant who always encourages the user."
 TEXTS = ["How do I boil an egg?", "Write a two line poem about autumn leaves please.", "Why?", "Explain the sky."]
 
-# Train folders of shipped configs, computed before on-policy existed: they must never move.
+# Train folders of shipped configs (model content held fixed), computed before on-policy existed (the online
+# and sft rows re-pinned with the model content in the key): they must never move.
 KNOWN_TRAIN_FOLDERS = {
-    ("experiment=demo",): "pirate-0965a9483c",
-    (): "nice-1680218575",
-    ("experiment=remix",): "nice+authoritative_tone+pirate-7abbedc502",
-    ("experiment=nested",): "kind_expert-9e1d172ce6",
-    ("experiment=pretrain_demo",): "pirate-4e27f7d992",
-    ("experiment=demo", "train.teacher=online"): "pirate-ea57570b4f",
-    ("experiment=demo", "train.objective=sft", "train.params=embedding"): "pirate-241bae85b4",
+    ("experiment=demo",): "pirate-ea37881157",
+    (): "nice-ea24db4e91",
+    ("experiment=remix",): "nice+authoritative_tone+pirate-fd2e31693f",
+    ("experiment=nested",): "kind_expert-b8caed8cda",
+    ("experiment=pretrain_demo",): "pirate-f03be07d6e",
+    ("experiment=demo", "train.teacher=online"): "pirate-5f1bb57e88",
+    ("experiment=demo", "train.objective=sft", "train.params=embedding"): "pirate-63a1b6b093",
 }
 
 
@@ -42,7 +43,7 @@ def train_folder(*overrides: str) -> str:
 
 
 @pytest.mark.parametrize("overrides, folder", list(KNOWN_TRAIN_FOLDERS.items()))
-def test_existing_train_keys_are_unchanged(overrides, folder):
+def test_existing_train_keys_are_unchanged(overrides, folder, pinned_model_content):
     assert train_folder(*overrides) == folder
     # the on-policy knobs do not reach a kl / sft key, whatever their values
     knobs = ("train.onpolicy_loss=jsd", "train.onpolicy_beta=0.1", "train.onpolicy_share=0.3", "train.onpolicy_top_p=0.5")

@@ -8,14 +8,12 @@ unchanged. The other deliberate change is marked where it is asserted.
 """
 import pytest
 
-from pipeline import outputs
 from tests.conftest import compose
 
 
 @pytest.fixture(autouse=True)
-def pinned_model_content(monkeypatch):
-    monkeypatch.setattr(outputs, "model_content", lambda path: "pinned-content")
-    monkeypatch.setattr(outputs, "package_version", lambda package: "0.1.2")
+def _pinned(pinned_model_content):
+    """Every pin below holds the model's content fixed (see conftest)."""
 
 
 BOOTSTRAP = ["experiment=nested", "generate.teacher_mode=bootstrap",
