@@ -39,6 +39,9 @@ def stage_key(cfg, job: Job) -> dict:
     key = {"train": outputs.key_hash(train.stage_key(cfg, job)), "evaluate": evaluate_key(cfg.evaluate)}
     if cfg.generate.teacher_mode == "bootstrap":  # scored on the reference teacher's samples (not the bootstrap model's)
         key["heldout_teacher"] = generate.REFERENCE
+    probes = {t: vars(m.probe) for t, m in job.metatokens.items() if m.probe}
+    if probes:  # an edited probe is a new evaluation, never the old counts reused
+        key["probes"] = probes
     return key
 
 

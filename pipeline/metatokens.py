@@ -32,7 +32,7 @@ class Metatoken:
     prompt: str  # the text the tag stands for, as written (it may mention other tags)
     source: str  # the file that defined it (for error messages and manifests)
     expanded: str = ""  # the prompt with every inner tag replaced, recursively, by its own prompt
-    probe: Probe | None = None  # a behaviour counted in sampled answers (evaluate only; in no stage key)
+    probe: Probe | None = None  # a behaviour counted in sampled answers (in the evaluate key only)
 
     def __post_init__(self):
         if not self.expanded:  # a prompt without inner tags is its own expansion
