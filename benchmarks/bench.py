@@ -54,9 +54,9 @@ def run_case(case: str, prompt_tokens: int, samples: int, new_tokens: int, epoch
     import torch
     from omegaconf import OmegaConf
 
-    from pipeline.formats import context_ids
-    from pipeline.generate import sample_all
-    from pipeline.models import ensure_default_model, load_model, load_tokenizer
+    from pipeline.core.formats import context_ids
+    from pipeline.stages.generate import sample_all
+    from pipeline.core.models import ensure_default_model, load_model, load_tokenizer
 
     torch.manual_seed(0)
     path = str(ensure_default_model(MODEL))
@@ -82,7 +82,7 @@ def run_case(case: str, prompt_tokens: int, samples: int, new_tokens: int, epoch
                 produced += out.sequences.shape[1] - len(ctx)
         else:
             if case == "gen_cached":  # the one-time prefill on its own (untimed above: measured separately)
-                from pipeline.teacher import prompt_kv, shared_prefix_length
+                from pipeline.core.teacher import prompt_kv, shared_prefix_length
 
                 t0 = time.perf_counter()
                 prompt_kv(model, contexts[0][: shared_prefix_length(contexts)])
@@ -100,10 +100,10 @@ def run_case(case: str, prompt_tokens: int, samples: int, new_tokens: int, epoch
         return result
 
     # Training cases: a LoRA student on the teacher's samples (made untimed, with the cached sampler).
-    from pipeline.extend import extend_model
-    from pipeline.metatokens import Metatoken
-    from pipeline.teacher import CachedPromptTeacher
-    from pipeline.train import DistillCollator, build_examples, distill_loss, frozen_start, prepare_trainable
+    from pipeline.stages.extend import extend_model
+    from pipeline.core.metatokens import Metatoken
+    from pipeline.core.teacher import CachedPromptTeacher
+    from pipeline.stages.train import DistillCollator, build_examples, distill_loss, frozen_start, prepare_trainable
 
     data = ROOT / "outputs" / "bench" / f"teacher-samples-{prompt_tokens}-{samples}-{new_tokens}.json"
     if data.is_file():  # the three training cases train on the same samples; make them once

@@ -13,7 +13,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from pipeline import distributed
+from pipeline.runtime import distributed
 from pipeline.config import register_configs
 
 log = logging.getLogger("pipeline")
@@ -24,11 +24,12 @@ register_configs()
 
 def run_stages(cfg: DictConfig) -> None:
     """Run `cfg.stage` (or every stage for `all`); each stage skips itself when its output exists."""
-    from pipeline import evaluate, extend, generate, outputs, progress, synthesize, train
-    from pipeline.job import job_from_config
-    from pipeline.metatokens import ConfigError
-    from pipeline.models import start_model_path
-    from pipeline.validate import check_job, check_values
+    from pipeline.runtime import outputs, progress
+    from pipeline.stages import evaluate, extend, generate, synthesize, train
+    from pipeline.core.job import job_from_config
+    from pipeline.errors import ConfigError
+    from pipeline.core.models import start_model_path
+    from pipeline.core.validate import check_job, check_values
 
     modules = {"synthesize": synthesize, "generate": generate, "extend": extend, "train": train, "evaluate": evaluate}
     if cfg.stage not in (*STAGES, "all"):
@@ -43,7 +44,7 @@ def run_stages(cfg: DictConfig) -> None:
             check_job(cfg, metatoken, start_model_path(cfg))
     progress.configure(cfg.progress)
     if cfg.train.mode != "finetune":
-        from pipeline.pretrain import check_config
+        from pipeline.stages.pretrain import check_config
 
         check_config(cfg)  # and the pretrain stream's settings
     outputs.check_writable(cfg.paths.outputs)
@@ -70,7 +71,8 @@ def check_conf() -> None:
     import sys
 
     from pipeline.config import PROJECT_ROOT
-    from pipeline.metatokens import ConfigError, check_hydra_directives
+    from pipeline.errors import ConfigError
+    from pipeline.core.metatokens import check_hydra_directives
 
     try:
         check_hydra_directives(PROJECT_ROOT / "conf" / "metatoken")

@@ -20,7 +20,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # `${project_root:}` in YAML resolves to the checkout, so paths work from any working directory.
 if not OmegaConf.has_resolver("project_root"):
     OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
-# `${run_stamp:}` names Hydra's run folder: the stamp rank 0 broadcast (pipeline.distributed.setup), else now.
+# `${run_stamp:}` names Hydra's run folder: the stamp rank 0 broadcast (pipeline.runtime.distributed.setup), else now.
 if not OmegaConf.has_resolver("run_stamp"):
     OmegaConf.register_new_resolver(
         "run_stamp", lambda: os.environ.get("PIPELINE_RUN_STAMP") or time.strftime("%Y-%m-%d_%H-%M-%S"), use_cache=True

@@ -164,15 +164,16 @@ def plain_kl(p_logprobs: torch.Tensor, q_logprobs: torch.Tensor) -> list[float]:
 def no_weights(monkeypatch):
     """Any attempt to load weights fails the test: validation must come first.
 
-    The stages bind `load_model` when they are imported (`from pipeline.models import load_model`),
-    so the name is replaced in each of them, not only in pipeline.models.
+    The stages bind `load_model` when they are imported (`from pipeline.core.models import load_model`),
+    so the name is replaced in each of them, not only in pipeline.core.models.
     """
     import importlib
 
     def refuse(*args, **kwargs):
         pytest.fail("weights were loaded")
 
-    for name in ("models", "generate", "extend", "train", "evaluate", "pretrain", "sample"):
+    for name in ("core.models", "stages.generate", "stages.extend", "stages.train", "stages.evaluate",
+                 "stages.pretrain", "cli.sample"):
         module = importlib.import_module(f"pipeline.{name}")
         if hasattr(module, "load_model"):
             monkeypatch.setattr(module, "load_model", refuse)
@@ -181,7 +182,7 @@ def no_weights(monkeypatch):
 @pytest.fixture()
 def pinned_model_content(monkeypatch):
     """Hold the model's content hash fixed (it differs between conversions), so stage-key pins check the rest."""
-    from pipeline import outputs
+    from pipeline.runtime import outputs
 
     monkeypatch.setattr(outputs, "model_content", lambda path: "pinned-content")
     monkeypatch.setattr(outputs, "package_version", lambda package: "0.1.2")

@@ -12,10 +12,16 @@ import torch
 from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline import card, evaluate, extend, generate, outputs, port, push, train
+from pipeline.cli import port, push
+
+from pipeline.core import card
+
+from pipeline.runtime import outputs
+
+from pipeline.stages import evaluate, extend, generate, train
 from pipeline.__main__ import run_stages
-from pipeline.job import job_from_config
-from pipeline.metatokens import ConfigError
+from pipeline.core.job import job_from_config
+from pipeline.errors import ConfigError
 from tests.conftest import CHATML, compose, tiny_overrides
 
 PROMPT = "You are a kind and warm assistant who always encourages the user."  # tests/conftest.py's kind.txt
@@ -72,7 +78,7 @@ def test_base_model_id(model, expected):
 
 
 def chat_len(tok, system: str | None, text: str = "") -> int:
-    """Tokens of a chat context, straight from the chat template (not through pipeline.formats)."""
+    """Tokens of a chat context, straight from the chat template (not through pipeline.core.formats)."""
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
     return len(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
 

@@ -5,9 +5,9 @@ import sys
 
 from datasets import load_from_disk
 
-from pipeline import generate
+from pipeline.stages import generate
 from pipeline.config import PROJECT_ROOT
-from pipeline.job import job_from_config
+from pipeline.core.job import job_from_config
 from tests.conftest import tiny_overrides
 
 

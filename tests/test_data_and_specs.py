@@ -5,8 +5,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pipeline.data import gather_positions, load_inputs, pad_examples, split_inputs
-from pipeline.metatokens import ConfigError, resolve_metatoken
+from pipeline.core.data import gather_positions, load_inputs, pad_examples, split_inputs
+from pipeline.errors import ConfigError
+from pipeline.core.metatokens import resolve_metatoken
 
 
 def write_jsonl(path, rows):

@@ -19,10 +19,10 @@ import pytest
 import torch
 from datasets import load_from_disk
 
-from pipeline import generate, train
+from pipeline.stages import generate, train
 from pipeline.__main__ import run_stages
 from pipeline.config import PROJECT_ROOT
-from pipeline.job import job_from_config
+from pipeline.core.job import job_from_config
 from tests.conftest import SENTENCES, build_tiny_model, compose
 
 STEPS, SAVE_STEPS, KILL_AT = 6, 2, 3
@@ -141,8 +141,9 @@ def test_generation_shards_merge_to_the_one_rank_records(ddp_run, tmp_path):
 
 def training_set_loss(cfg, model_dir: Path) -> float:
     """Mean distillation loss of a model over every training example (one batch, no update)."""
-    from pipeline import extend, outputs
-    from pipeline.models import load_model, load_tokenizer
+    from pipeline.runtime import outputs
+    from pipeline.stages import extend
+    from pipeline.core.models import load_model, load_tokenizer
 
     job = job_from_config(cfg)
     ext_dir = extend.output_dir(cfg, job)
@@ -157,7 +158,7 @@ def training_set_loss(cfg, model_dir: Path) -> float:
 def test_loss_decreases(ddp_run):
     make, out, _, _ = ddp_run
     cfg, _, train_dir = two_rank_cfg(make, out)
-    from pipeline import extend
+    from pipeline.stages import extend
 
     before = training_set_loss(cfg, extend.output_dir(cfg, job_from_config(cfg)))
     after = training_set_loss(cfg, train_dir)
@@ -167,7 +168,7 @@ def test_loss_decreases(ddp_run):
 def tag_row_shift(cfg, train_dir: Path) -> float:
     from safetensors.torch import load_file
 
-    from pipeline import extend
+    from pipeline.stages import extend
 
     ext_dir = extend.output_dir(cfg, job_from_config(cfg))
     tag_id = json.loads((ext_dir / "manifest.json").read_text())["tag_ids"]["<kind>"]

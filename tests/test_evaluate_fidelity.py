@@ -9,10 +9,10 @@ import torch
 from datasets import load_from_disk
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline import evaluate, generate, train
+from pipeline.stages import evaluate, generate, train
 from pipeline.__main__ import run_stages
-from pipeline.job import job_from_config
-from pipeline.losses import bootstrap_interval, pooled_recovery
+from pipeline.core.job import job_from_config
+from pipeline.core.losses import bootstrap_interval, pooled_recovery
 from tests.conftest import compose, tiny_overrides, write_tiny_data
 
 PROMPT = "You are a kind and warm assistant who always encourages the user."
@@ -88,7 +88,7 @@ def test_probe_is_reported_for_base_teacher_and_student(run):
 
 def test_student_answers_never_hold_a_tag(run):
     """A student that wants to write its tag (its logit raised by 50) still never samples it."""
-    from pipeline.formats import context_ids
+    from pipeline.core.formats import context_ids
 
     tok = AutoTokenizer.from_pretrained(run.train_dir)
     model = AutoModelForCausalLM.from_pretrained(run.train_dir)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from pipeline.losses import full_kl, generalized_jsd, masked_mean, recovery, token_cross_entropy, topk_bins, topk_kl
+from pipeline.core.losses import full_kl, generalized_jsd, masked_mean, recovery, token_cross_entropy, topk_bins, topk_kl
 
 
 def test_full_kl_matches_hand_computed_value():
@@ -74,7 +74,7 @@ def test_recovery():
 
 
 def test_position_means_average_only_the_examples_that_reach_a_position():
-    from pipeline.losses import position_means
+    from pipeline.core.losses import position_means
 
     means, counts = position_means([torch.tensor([1.0, 2.0, 3.0]), torch.tensor([3.0]), torch.tensor([])])
     assert means == pytest.approx([2.0, 2.0, 3.0]) and counts == [2, 1, 1]
@@ -152,7 +152,7 @@ def test_topk_bins_are_the_recorded_distribution_coarsened():
 
 
 def test_pooled_recovery_weights_inputs_by_their_tokens():
-    from pipeline.losses import pooled_recovery
+    from pipeline.core.losses import pooled_recovery
 
     # input A: residual 1 of effect 2 (recovery 0.5); input B: residual 1 of effect 8 (0.875).
     # Pooled: 1 - 2/10 = 0.8, not the mean of the two ratios (0.6875).
@@ -163,7 +163,7 @@ def test_bootstrap_interval_of_two_inputs_spans_the_two_pure_resamples():
     """Two inputs: a resample is AA, AB/BA or BB (probabilities 1/4, 1/2, 1/4), so the statistic takes
     three values: 0.5 (AA), 0.8 (AB), 0.875 (BB). Of 1,000 resamples about 250 are AA and 250 BB,
     so the 2.5th and 97.5th percentiles are exactly the AA and BB values."""
-    from pipeline.losses import bootstrap_interval, pooled_recovery
+    from pipeline.core.losses import bootstrap_interval, pooled_recovery
 
     low, high = bootstrap_interval(pooled_recovery, [1.0, 1.0], [2.0, 8.0], resamples=1000, seed=0)
     assert (low, high) == (pytest.approx(0.5), pytest.approx(0.875))
@@ -175,7 +175,7 @@ def test_bootstrap_interval_of_a_known_mean():
     is close to the normal one, 0.3 +- 1.96 sqrt(0.3 * 0.7 / 400) = [0.255, 0.345]."""
     import numpy as np
 
-    from pipeline.losses import bootstrap_interval, pooled_mean
+    from pipeline.core.losses import bootstrap_interval, pooled_mean
 
     values = np.array([1.0] * 120 + [0.0] * 280)
     low, high = bootstrap_interval(pooled_mean, values, np.ones_like(values), resamples=1000, seed=1)
@@ -184,7 +184,7 @@ def test_bootstrap_interval_of_a_known_mean():
 
 
 def test_bootstrap_interval_drops_undefined_resamples_and_handles_no_inputs():
-    from pipeline.losses import bootstrap_interval, pooled_mean
+    from pipeline.core.losses import bootstrap_interval, pooled_mean
 
     # input B has no tokens: resamples of only B are undefined (0/0) and left out; the rest give 2.0.
     assert bootstrap_interval(pooled_mean, [2.0, 0.0], [1.0, 0.0], seed=0) == (pytest.approx(2.0), pytest.approx(2.0))

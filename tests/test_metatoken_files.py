@@ -7,10 +7,11 @@ import sys
 
 import pytest
 
-from pipeline import list as list_cmd
+from pipeline.cli import ls as list_cmd
 from pipeline.config import PROJECT_ROOT
-from pipeline.job import job_from_config
-from pipeline.metatokens import ConfigError, expand, inner_tags, load_registry, read_metatoken_file, resolve_metatoken
+from pipeline.core.job import job_from_config
+from pipeline.errors import ConfigError
+from pipeline.core.metatokens import expand, inner_tags, load_registry, read_metatoken_file, resolve_metatoken
 from tests.conftest import compose
 
 SHIPPED = PROJECT_ROOT / "conf" / "metatoken"

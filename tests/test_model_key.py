@@ -5,8 +5,10 @@ import shutil
 import pytest
 from safetensors.torch import load_file, save_file
 
-from pipeline import evaluate, extend, generate, outputs, train
-from pipeline.job import job_from_config
+from pipeline.runtime import outputs
+
+from pipeline.stages import evaluate, extend, generate, train
+from pipeline.core.job import job_from_config
 
 STAGES = (generate, extend, train, evaluate)
 

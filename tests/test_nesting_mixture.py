@@ -5,9 +5,11 @@ import random
 
 import pytest
 
-from pipeline.metatokens import ConfigError, Metatoken, expand, inner_tags, load_registry
-from pipeline.job import job_from_config
-from pipeline.mixture import assign_sets, compose_prompt, order_tags
+from pipeline.errors import ConfigError
+
+from pipeline.core.metatokens import Metatoken, expand, inner_tags, load_registry
+from pipeline.core.job import job_from_config
+from pipeline.core.mixture import assign_sets, compose_prompt, order_tags
 
 
 def registry(**prompts):
@@ -98,9 +100,9 @@ def test_nested_tag_bootstrap_chain_of_two_levels_runs(tiny_cfg, tiny_data):
     """<b> is learned from a student that knows <a>; <c> from a student that knows <b>."""
     import json
 
-    from pipeline import evaluate, train
+    from pipeline.stages import evaluate, train
     from pipeline.__main__ import run_stages
-    from pipeline.job import job_from_config
+    from pipeline.core.job import job_from_config
 
     conf = tiny_data / "metatokens"
     conf.mkdir()
@@ -128,7 +130,7 @@ def test_nested_tag_bootstrap_chain_of_two_levels_runs(tiny_cfg, tiny_data):
 
     # It never writes any of them: the saved generation config suppresses the inner tags too,
     # and pipeline.sample knows all three.
-    from pipeline.sample import Sampler
+    from pipeline.cli.sample import Sampler
 
     gen_config = json.loads((level2 / "generation_config.json").read_text())
     assert sorted(gen_config["suppress_tokens"]) == sorted(vocab[t] for t in ("<a>", "<b>", "<c>"))
@@ -139,7 +141,7 @@ def test_nested_tag_bootstrap_chain_of_two_levels_runs(tiny_cfg, tiny_data):
     # modes' recoveries are scored on the same samples.
     from datasets import load_from_disk
 
-    from pipeline import generate
+    from pipeline.stages import generate
 
     def heldout(*extra):
         cfg = tiny_cfg(*common, "metatoken.tag='<b>'", "metatoken.prompt='<a> Always answer about the river bank.'", *extra)
@@ -170,7 +172,7 @@ def test_remix_run_trains_sets_and_reports_an_untrained_pair(tiny_cfg, tiny_data
 
     from datasets import load_from_disk
 
-    from pipeline import evaluate, generate
+    from pipeline.stages import evaluate, generate
     from pipeline.__main__ import run_stages
 
     conf = tiny_data / "metatokens"
@@ -194,7 +196,7 @@ def test_remix_run_trains_sets_and_reports_an_untrained_pair(tiny_cfg, tiny_data
     # the pair's effect, recomputed by hand: the base model reading both prompts joined, against no prompt
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.formats import context_ids
+    from pipeline.core.formats import context_ids
     from tests.conftest import next_token_logprobs, plain_kl
 
     base_path = cfg.model.path
@@ -223,9 +225,9 @@ def test_remix_run_trains_sets_and_reports_an_untrained_pair(tiny_cfg, tiny_data
 
 
 def test_random_tag_order_is_per_example_and_reproducible():
-    from pipeline.job import Job
-    from pipeline.metatokens import Metatoken
-    from pipeline.train import student_context
+    from pipeline.core.job import Job
+    from pipeline.core.metatokens import Metatoken
+    from pipeline.stages.train import student_context
 
     class Tok:  # the context text is all we look at
         def __call__(self, text, add_special_tokens=True):
@@ -242,7 +244,7 @@ def test_random_tag_order_is_per_example_and_reproducible():
 
 
 def test_in_training_compares_tag_sets_as_sets():
-    from pipeline.job import Job
+    from pipeline.core.job import Job
 
     job = Job({t: Metatoken(t, "p", "x") for t in ("<a>", "<b>", "<c>")}, (("<a>", "<b>"), ("<c>",), ()), (1.0, 1.0, 0.1), ())
     assert job.in_training(("<b>", "<a>")) and job.in_training(("<a>", "<b>")) and job.in_training(("<c>",))

@@ -10,14 +10,16 @@ import torch
 from datasets import load_from_disk
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline import extend, generate, onpolicy, train
+from pipeline.core import onpolicy
+
+from pipeline.stages import extend, generate, train
 from pipeline.__main__ import run_stages
-from pipeline.extend import extend_model
-from pipeline.formats import context_ids
-from pipeline.job import job_from_config
-from pipeline.metatokens import ConfigError
-from pipeline.models import load_model, load_tokenizer
-from pipeline.teacher import CachedPromptTeacher
+from pipeline.stages.extend import extend_model
+from pipeline.core.formats import context_ids
+from pipeline.core.job import job_from_config
+from pipeline.errors import ConfigError
+from pipeline.core.models import load_model, load_tokenizer
+from pipeline.core.teacher import CachedPromptTeacher
 from tests.conftest import compose
 from tests.test_losses import brute_force_jsd
 
@@ -200,7 +202,7 @@ def test_onpolicy_training_lowers_the_heldout_residual(tiny_cfg, tiny_model, tin
     untrained = residual_by_loop(base, base_tok, extend.output_dir(cfg, job), heldout, prompt)
     trained = residual_by_loop(base, base_tok, train.output_dir(cfg, job), heldout, prompt)
     assert trained < 0.85 * untrained, (trained, untrained)
-    from pipeline import evaluate  # the pipeline's own scorer agrees with the loops
+    from pipeline.stages import evaluate  # the pipeline's own scorer agrees with the loops
 
     metrics = json.loads((evaluate.output_dir(cfg, job) / "report.json").read_text())["metrics"]
     assert metrics["residual_kl"] == pytest.approx(trained, rel=1e-3)
@@ -255,9 +257,9 @@ def test_interrupted_onpolicy_training_resumes_to_the_same_weights(tiny_cfg, mon
     ],
 )
 def test_bad_onpolicy_settings_fail_before_any_stage_runs(tiny_cfg, monkeypatch, overrides, message):
-    import pipeline.models
+    import pipeline.core.models
 
-    monkeypatch.setattr(pipeline.models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(pipeline.core.models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     monkeypatch.setattr(generate, "run", lambda *a, **k: pytest.fail("generate ran"))
     objective = [] if any(o.startswith("train.objective") for o in overrides) else ["train.objective=onpolicy"]
     with pytest.raises(ConfigError, match=message):

@@ -7,12 +7,13 @@ import time
 import pytest
 from filelock import FileLock
 
-import pipeline.models
-from pipeline import generate, outputs
-from pipeline import list as list_cmd
+import pipeline.core.models
+from pipeline.runtime import outputs
+from pipeline.stages import generate
+from pipeline.cli import ls as list_cmd
 from pipeline.__main__ import run_stages
-from pipeline.job import job_from_config
-from pipeline.metatokens import ConfigError
+from pipeline.core.job import job_from_config
+from pipeline.errors import ConfigError
 
 
 def test_a_second_run_of_the_same_stage_waits_for_the_first_and_says_who_holds_it(tiny_cfg, caplog):
@@ -31,7 +32,7 @@ def test_a_second_run_of_the_same_stage_waits_for_the_first_and_says_who_holds_i
     threading.Thread(target=hold_for_two_seconds).start()
     assert holding.wait(10)
     started = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="pipeline.generate"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.stages.generate"):
         run_stages(cfg)
     assert time.monotonic() - started >= 2.0  # it waited for the holder
     assert "is being written by pid 4242 on test-host" in caplog.text
@@ -39,7 +40,7 @@ def test_a_second_run_of_the_same_stage_waits_for_the_first_and_says_who_holds_i
 
 
 def test_an_unwritable_outputs_folder_fails_before_any_model_loads(tiny_cfg, tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline.models, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    monkeypatch.setattr(pipeline.core.models, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     with pytest.raises(ConfigError, match=r"paths.outputs: cannot write to .*a-file/outputs .*Fix: point paths.outputs"):

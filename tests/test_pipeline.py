@@ -6,17 +6,17 @@ import torch
 from hydra.errors import ConfigCompositionException
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline import evaluate, generate, train
+from pipeline.stages import evaluate, generate, train
 from pipeline.__main__ import run_stages
-from pipeline.job import job_from_config
-from pipeline.metatokens import ConfigError
+from pipeline.core.job import job_from_config
+from pipeline.errors import ConfigError
 from tests.conftest import compose, next_token_logprobs, plain_kl
 
 
 def test_chain_reports_effect_residual_and_drift_that_a_plain_loop_recomputes(tiny_cfg, tiny_model, tiny_data):
     from datasets import load_from_disk
 
-    from pipeline.formats import context_ids
+    from pipeline.core.formats import context_ids
 
     cfg = tiny_cfg("train.objective=kl", "train.params=lora", "train.max_steps=6", "train.embedding_lr=0.05")
     run_stages(cfg)

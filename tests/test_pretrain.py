@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pipeline import evaluate, pretrain, train
+from pipeline.stages import evaluate, pretrain, train
 from pipeline.__main__ import run_stages
 from pipeline.config import PROJECT_ROOT
-from pipeline.job import job_from_config
-from pipeline.metatokens import ConfigError
+from pipeline.core.job import job_from_config
+from pipeline.errors import ConfigError
 
 CORPUS = PROJECT_ROOT / "data" / "corpus" / "plain.jsonl"
 

@@ -5,8 +5,8 @@ import random
 import pytest
 import torch
 
-from pipeline.pretrain import lm_loss, packed_logits
-from pipeline.pretrain_data import (
+from pipeline.stages.pretrain import lm_loss, packed_logits
+from pipeline.core.pretrain_data import (
     IGNORE,
     BlockStream,
     Document,
@@ -133,7 +133,7 @@ def test_resume_at_a_block_boundary_gives_the_same_next_batch():
 
 def test_packed_attention_does_not_cross_documents(tiny_model):
     """Logits of a document packed after another equal its logits alone; a plain causal mask would differ."""
-    from pipeline.models import load_model
+    from pipeline.core.models import load_model
 
     model = load_model(str(tiny_model))
     first, second = [5, 17, 33, 8, 40, 12], [21, 9, 14, 30]
@@ -162,7 +162,7 @@ def test_the_stream_is_the_same_in_a_new_process():
     script = (
         "import itertools\n"
         "from tests.test_pretrain_data import EOS, mixed_via_sources\n"
-        "from pipeline.pretrain_data import pack_blocks\n"
+        "from pipeline.core.pretrain_data import pack_blocks\n"
         "print([b.input_ids for b in itertools.islice(pack_blocks(mixed_via_sources(5), 16, EOS), 30)])\n"
     )
     runs = {
@@ -176,7 +176,7 @@ def test_the_stream_is_the_same_in_a_new_process():
 
 
 def mixed_via_sources(seed):
-    from pipeline.pretrain_data import tag_sources
+    from pipeline.core.pretrain_data import tag_sources
 
     docs = {"<a>": teacher_docs("<a>", TAG_A, 7), "<b>": teacher_docs("<b>", TAG_B, 5)}
     return mix_documents(tag_sources(docs, seed), itertools.cycle(random_docs(13, seed)), 0.5, 0.2, "random", seed)

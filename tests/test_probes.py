@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from pipeline.metatokens import ConfigError
-from pipeline.probes import Probe, answer_terms, probe_from_config, probe_report, retention
+from pipeline.errors import ConfigError
+from pipeline.core.probes import Probe, answer_terms, probe_from_config, probe_report, retention
 
 PIRATE = r"\b(arr+|matey|ye|aye|ahoy|me hearties|treasure|ship)\b"
 
@@ -69,7 +69,7 @@ def test_bad_probe_names_the_file_field_and_fix(node, match):
 def test_shipped_probes_parse_and_a_bad_one_fails_before_any_model_loads(no_weights, tiny_cfg):
     from pipeline.__main__ import run_stages
     from pipeline.config import PROJECT_ROOT
-    from pipeline.metatokens import load_registry
+    from pipeline.core.metatokens import load_registry
 
     registry = load_registry(PROJECT_ROOT / "conf/metatoken", PROJECT_ROOT / "data")
     assert registry["<pirate>"].probe == Probe("regex", registry["<pirate>"].probe.pattern, "100_words")

@@ -4,9 +4,9 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline import evaluate, train
+from pipeline.stages import evaluate, train
 from pipeline.__main__ import run_stages
-from pipeline.job import job_from_config
+from pipeline.core.job import job_from_config
 from tests.conftest import compose
 
 pytestmark = pytest.mark.slow

@@ -11,11 +11,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline import evaluate, report, sample, train
-from pipeline import list as list_cmd
+from pipeline.cli import sample
+
+from pipeline.runtime import report
+
+from pipeline.stages import evaluate, train
+from pipeline.cli import ls as list_cmd
 from pipeline.__main__ import run_stages
-from pipeline.job import job_from_config
-from pipeline.metatokens import ConfigError
+from pipeline.core.job import job_from_config
+from pipeline.errors import ConfigError
 from tests.conftest import compose, tiny_overrides, write_tiny_data
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -230,7 +234,7 @@ def test_report_goes_to_wandb_offline_and_a_wandb_failure_only_warns(run, tmp_pa
 
 
 def test_progress_switch_and_durations():
-    from pipeline import progress
+    from pipeline.runtime import progress
 
     try:
         progress.configure(True)
@@ -261,7 +265,7 @@ def test_a_report_from_before_intervals_and_probes_still_renders(run, tmp_path):
 
 
 def test_summary_line_of_a_run_with_several_sets_lists_each_beside_the_headline():
-    from pipeline.progress import _what
+    from pipeline.runtime.progress import _what
 
     manifest = {"metrics": {"recovery": 0.25, "init_recovery": 0.0, "drift_kl": 0.001, "prompt_tokens_saved": 300},
                 "sets": [{"tags": ["<a>"], "recovery": 0.1}, {"tags": ["<a>", "<b>"], "recovery": 0.4}]}

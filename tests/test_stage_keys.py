@@ -34,8 +34,9 @@ CASES = {
 
 
 def stage_hashes(overrides):
-    from pipeline import evaluate, extend, generate, outputs, train
-    from pipeline.job import job_from_config
+    from pipeline.runtime import outputs
+    from pipeline.stages import evaluate, extend, generate, train
+    from pipeline.core.job import job_from_config
 
     cfg = compose(overrides)
     job = job_from_config(cfg)

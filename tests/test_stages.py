@@ -3,12 +3,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pipeline.extend import add_tag_tokens, extend_model, initial_rows
-from pipeline.formats import context_ids
-from pipeline.generate import sample_all
-from pipeline.teacher import shared_prefix_length
-from pipeline.metatokens import ConfigError, Metatoken
-from pipeline.models import load_model, load_tokenizer
+from pipeline.stages.extend import add_tag_tokens, extend_model, initial_rows
+from pipeline.core.formats import context_ids
+from pipeline.stages.generate import sample_all
+from pipeline.core.teacher import shared_prefix_length
+from pipeline.errors import ConfigError
+from pipeline.core.metatokens import Metatoken
+from pipeline.core.models import load_model, load_tokenizer
 
 def gen_config(**fields):
     """A generate config with every field the schema has (defaults for those not given)."""
@@ -105,8 +106,8 @@ def test_recorded_logprobs_are_the_models_own_distribution(tiny):
 def test_cached_prompt_teacher_matches_reading_the_whole_prompt(tiny):
     import contextlib
 
-    from pipeline.evaluate import continuation_logits
-    from pipeline.teacher import CachedPromptTeacher
+    from pipeline.stages.evaluate import continuation_logits
+    from pipeline.core.teacher import CachedPromptTeacher
 
     model, tok = tiny
     teacher = CachedPromptTeacher(lambda: contextlib.nullcontext(model), tok, KIND.prompt, chat=True)
@@ -122,9 +123,9 @@ def test_cached_prompt_teacher_matches_reading_the_whole_prompt(tiny):
 def test_online_teacher_trains_end_to_end(tiny_cfg):
     import json
 
-    from pipeline import evaluate
+    from pipeline.stages import evaluate
     from pipeline.__main__ import run_stages
-    from pipeline.job import job_from_config
+    from pipeline.core.job import job_from_config
 
     cfg = tiny_cfg("train.teacher=online", "train.max_steps=4", "train.embedding_lr=0.05")
     run_stages(cfg)
@@ -134,7 +135,7 @@ def test_online_teacher_trains_end_to_end(tiny_cfg):
 
 def test_scoring_builds_no_autograd_graph(tiny):
     """Evaluation scores thousands of positions; holding their graphs once ran a real run out of memory."""
-    from pipeline.evaluate import continuation_logits
+    from pipeline.stages.evaluate import continuation_logits
 
     model, tok = tiny
     ctx = [context_ids(tok, "How do I boil an egg?", KIND.prompt, chat=True)]

@@ -5,11 +5,13 @@ from pathlib import Path
 import pytest
 from datasets import load_from_disk
 
-from pipeline import generate, outputs, synthesize
+from pipeline.runtime import outputs
+
+from pipeline.stages import generate, synthesize
 from pipeline.__main__ import run_stages
-from pipeline.job import job_from_config
-from pipeline.metatokens import ConfigError
-from pipeline.synthesize import clean_request, deduplicate, jaccard, shingles
+from pipeline.core.job import job_from_config
+from pipeline.errors import ConfigError
+from pipeline.stages.synthesize import clean_request, deduplicate, jaccard, shingles
 
 
 def test_clean_request_keeps_one_request_and_drops_the_rest():

@@ -5,11 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import teacher as teacher_mod
-from pipeline.formats import context_ids
-from pipeline.metatokens import Metatoken
-from pipeline.models import load_model, load_tokenizer
-from pipeline.teacher import CachedPromptTeacher, shared_prompt_attention
+from pipeline.core import teacher as teacher_mod
+from pipeline.core.formats import context_ids
+from pipeline.core.metatokens import Metatoken
+from pipeline.core.models import load_model, load_tokenizer
+from pipeline.core.teacher import CachedPromptTeacher, shared_prompt_attention
 
 KIND = Metatoken(tag="<kind>", prompt="You are a kind and warm assistant who always encourages the user.", source="test")
 TEXTS = ["How do I boil an egg?", "Write a two line poem about autumn leaves please.", "Why?"]

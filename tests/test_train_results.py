@@ -4,10 +4,11 @@ import json
 
 import pytest
 
-import pipeline.train as train_module
-from pipeline import outputs, train
+import pipeline.stages.train as train_module
+from pipeline.runtime import outputs
+from pipeline.stages import train
 from pipeline.__main__ import run_stages
-from pipeline.job import job_from_config
+from pipeline.core.job import job_from_config
 
 
 def test_whole_run_loss_weights_the_two_parts_by_their_steps():

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from pipeline.__main__ import run_stages
-from pipeline.metatokens import ConfigError
+from pipeline.errors import ConfigError
 
 
 def write(path, text):
@@ -64,9 +64,9 @@ def test_unknown_config_key_is_rejected_by_the_schema():
 
 
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_cfg, monkeypatch):
-    import pipeline.train as train_module
-    from pipeline import train
-    from pipeline.job import job_from_config
+    import pipeline.stages.train as train_module
+    from pipeline.stages import train
+    from pipeline.core.job import job_from_config
 
     real_loss, calls = train_module.distill_loss, {"n": 0}
 
@@ -93,8 +93,8 @@ def test_same_config_and_seed_give_the_same_dataset_and_model(tiny_cfg, tmp_path
     from datasets import load_from_disk
     from safetensors.torch import load_file
 
-    from pipeline import generate, train
-    from pipeline.job import job_from_config
+    from pipeline.stages import generate, train
+    from pipeline.core.job import job_from_config
 
     runs = []
     for name in ("first", "second"):

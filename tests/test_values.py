@@ -4,16 +4,16 @@ import json
 import pytest
 from hydra.errors import ConfigCompositionException
 
-import pipeline.models
+import pipeline.core.models
 from pipeline.__main__ import run_stages
-from pipeline.metatokens import ConfigError
+from pipeline.errors import ConfigError
 from tests.conftest import compose
 
 
 @pytest.fixture()
 def no_weights(monkeypatch):
     """Any attempt to load weights fails the test: validation must come first."""
-    monkeypatch.setattr(pipeline.models, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    monkeypatch.setattr(pipeline.core.models, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
 
 
 CHOICES = [

@@ -11,10 +11,12 @@ import pytest
 from datasets import load_from_disk
 from omegaconf import OmegaConf
 
-from pipeline import generate, vllm_backend
+from pipeline.core import vllm_backend
+
+from pipeline.stages import generate
 from pipeline.__main__ import run_stages
 from pipeline.config import GenerateConfig
-from pipeline.job import job_from_config
+from pipeline.core.job import job_from_config
 
 
 def completion(token_ids, steps):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
-from pipeline.metatokens import ConfigError
+from pipeline.errors import ConfigError
 
 
 def compose_prompt(prompts: Sequence[str], join: str = "\n\n") -> str:

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.data import load_inputs
-from pipeline.formats import context_ids
-from pipeline.metatokens import ConfigError, Metatoken, check_bootstrap_teacher, inner_tags
+from pipeline.core.data import load_inputs
+from pipeline.core.formats import context_ids
+from pipeline.errors import ConfigError
+from pipeline.core.metatokens import Metatoken, check_bootstrap_teacher, inner_tags
 
 # (field, test, what the field must be). Fields absent from a config (None for optional caps) are skipped.
 AT_LEAST_ONE = "at least 1"
@@ -73,7 +74,7 @@ def check_values(cfg) -> None:
 
 def check_split(cfg, rows: list[dict]) -> None:
     """At least one training and one held-out input after the split and the caps."""
-    from pipeline.data import split_inputs
+    from pipeline.core.data import split_inputs
 
     train_rows, heldout_rows = split_inputs(rows, cfg.inputs.heldout_fraction, cfg.inputs.max_train, cfg.inputs.max_heldout)
     for name, part, fix in (("training", train_rows, "lower"), ("held-out", heldout_rows, "raise")):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from pipeline.metatokens import ConfigError
+from pipeline.errors import ConfigError
 
 PROBE_KINDS = ("regex", "words", "lowercase")
 PER = ("100_words", "answer")
@@ -111,7 +111,7 @@ def probe_report(probe: Probe, tag: str, answers: dict[str, list[str]], resample
     `answers` maps "base", "teacher" and "student" to their answers, input by input in one order;
     the retention's 95% interval resamples inputs (all three answers to an input together).
     """
-    from pipeline.losses import bootstrap_interval, pooled_mean
+    from pipeline.core.losses import bootstrap_interval, pooled_mean
 
     terms = {name: answer_terms(probe, answers[name]) for name in ("base", "teacher", "student")}
     flat = [column for name in ("base", "teacher", "student") for column in terms[name]]

@@ -20,10 +20,10 @@ from typing import Iterator
 
 import torch
 
-from pipeline import outputs
-from pipeline.losses import masked_mean, suppress, token_cross_entropy
-from pipeline.metatokens import ConfigError
-from pipeline.pretrain_data import (
+from pipeline.runtime import outputs
+from pipeline.core.losses import masked_mean, suppress, token_cross_entropy
+from pipeline.errors import ConfigError
+from pipeline.core.pretrain_data import (
     IGNORE,
     TAG_POSITIONS,
     BlockStream,
@@ -33,7 +33,7 @@ from pipeline.pretrain_data import (
     mix_documents,
     tag_sources,
 )
-from pipeline.train import DistillTrainer
+from pipeline.stages.train import DistillTrainer
 
 MODES = ("finetune", "pretrain")
 LOCAL_BUILDERS = ("json", "text", "csv", "parquet")  # datasets builders that read `data_files`
@@ -134,7 +134,7 @@ def endless_plain(plain_cfg, tokenizer, seed: int) -> Iterator[list[int]]:
 
 def tagged_docs(records, tokenizer, chat: bool, tags: list[str]) -> dict[str, list[TaggedDoc]]:
     """The teacher's training documents per tag, pre-tokenized with and without the tag."""
-    from pipeline.formats import context_ids
+    from pipeline.core.formats import context_ids
 
     by_tag: dict[str, list[TaggedDoc]] = {}
     eos = tokenizer.eos_token_id
@@ -225,8 +225,8 @@ def plain_text_scores(cfg, base_path: str, student_dir: Path, tag_ids: list[int]
 
     Teacher-forced on the held-out plain documents themselves (untagged), each cut to one block.
     """
-    from pipeline.evaluate import continuation_logits, mean_kl
-    from pipeline.models import load_model, load_tokenizer
+    from pipeline.stages.evaluate import continuation_logits, mean_kl
+    from pipeline.core.models import load_model, load_tokenizer
 
     p, bs = cfg.train.pretrain, cfg.evaluate.batch_size
     tok = load_tokenizer(str(student_dir))

@@ -10,8 +10,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from pipeline.metatokens import ConfigError, Metatoken, inner_tags, read_metatoken_file, resolve_metatoken
-from pipeline.outputs import MANIFEST, is_complete, read_manifest
+from pipeline.errors import ConfigError
+
+from pipeline.core.metatokens import Metatoken, inner_tags, read_metatoken_file, resolve_metatoken
+from pipeline.runtime.outputs import MANIFEST, is_complete, read_manifest
 
 
 def default_paths():

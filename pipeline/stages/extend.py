@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 from tokenizers import AddedToken
 
-from pipeline import outputs
-from pipeline.job import Job, job_from_config
-from pipeline.metatokens import ConfigError, Metatoken
-from pipeline.models import load_model, load_tokenizer, start_model_path
+from pipeline.runtime import outputs
+from pipeline.core.job import Job, job_from_config
+from pipeline.errors import ConfigError
+from pipeline.core.metatokens import Metatoken
+from pipeline.core.models import load_model, load_tokenizer, start_model_path
 
 log = logging.getLogger(__name__)
 INIT_RULES = ("name_mean", "prompt_mean", "vocab_mean", "random")

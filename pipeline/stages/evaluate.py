@@ -20,16 +20,18 @@ from pathlib import Path
 
 import torch
 from datasets import load_from_disk
-from pipeline import card, extend, generate, outputs, report as reports, train
-from pipeline.data import gather_positions, pad_examples
-from pipeline.formats import context_ids
-from pipeline.catalog import tags_of
-from pipeline.losses import bootstrap_interval, full_kl, pooled_mean, pooled_recovery, position_means, recovery, suppress
-from pipeline.probes import probe_report
-from pipeline.progress import tqdm  # bars only when someone watches (progress=...)
-from pipeline.job import Job, job_from_config
-from pipeline.metatokens import ConfigError
-from pipeline.models import load_model, load_tokenizer, resolve_model_path
+from pipeline.core import card
+from pipeline.runtime import outputs, report as reports
+from pipeline.stages import extend, generate, train
+from pipeline.core.data import gather_positions, pad_examples
+from pipeline.core.formats import context_ids
+from pipeline.core.catalog import tags_of
+from pipeline.core.losses import bootstrap_interval, full_kl, pooled_mean, pooled_recovery, position_means, recovery, suppress
+from pipeline.core.probes import probe_report
+from pipeline.runtime.progress import tqdm  # bars only when someone watches (progress=...)
+from pipeline.core.job import Job, job_from_config
+from pipeline.errors import ConfigError
+from pipeline.core.models import load_model, load_tokenizer, resolve_model_path
 
 log = logging.getLogger(__name__)
 LATER_DEFAULTS = {"train_examples": 32, "resamples": 1000}  # fields added after evaluations were cached
@@ -325,7 +327,7 @@ def run(cfg) -> Path:
     del model
 
     if cfg.train.mode == "pretrain":  # drift on held-out plain text, the pretrain mixture's other half
-        from pipeline.pretrain import plain_text_scores
+        from pipeline.stages.pretrain import plain_text_scores
 
         drift.update(plain_text_scores(cfg, base_path, train_dir, tag_ids))
     effect = {s: torch.cat(ref["heldout"][s]["effect_tokens"]).mean().item() for s in job.eval_sets}

@@ -23,11 +23,11 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
-from pipeline import outputs
-from pipeline.data import is_heldout, load_inputs
-from pipeline.formats import context_ids
-from pipeline.job import Job, job_from_config
-from pipeline.metatokens import ConfigError
+from pipeline.runtime import outputs
+from pipeline.core.data import is_heldout, load_inputs
+from pipeline.core.formats import context_ids
+from pipeline.core.job import Job, job_from_config
+from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 FILE = "inputs.jsonl"
@@ -137,7 +137,7 @@ def check_config(syn_cfg) -> None:
 def write_requests(model, tokenizer, job: Job, cfg, work: Path) -> tuple[list[dict], int]:
     """Sample rounds of requests until `count` unique ones are kept (each round's answers are a shard,
     so a killed run resumes); returns the rows and how many answers were sampled."""
-    from pipeline.generate import sample_all
+    from pipeline.stages.generate import sample_all
 
     syn = cfg.inputs.synthetic
     # The sampler's settings: the HF sampler with the shared-prefix cache (the seeds share the system message).
@@ -176,7 +176,7 @@ def run(cfg) -> Path | None:
     if cfg.inputs.synthetic.count == 0:
         log.info("synthesize: inputs.synthetic.count=0, nothing to do")
         return None
-    from pipeline.models import load_model, load_tokenizer, start_model_path
+    from pipeline.core.models import load_model, load_tokenizer, start_model_path
 
     check_config(cfg.inputs.synthetic)
     job = job_from_config(cfg)

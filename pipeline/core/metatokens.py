@@ -12,18 +12,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipeline.errors import ConfigError
+
 if TYPE_CHECKING:
-    from pipeline.probes import Probe
+    from pipeline.core.probes import Probe
 
 # One token: angle brackets around letters, digits, '_' or '-'. Spaces would let the tokenizer split it.
 TAG_PATTERN = re.compile(r"^<[A-Za-z0-9_\-]+>$")
 
 
 TEACHER_MODES = ("expand", "bootstrap")
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration problem: the message says the file, the field and the fix."""
 
 
 @dataclass(frozen=True)
@@ -125,7 +123,7 @@ def resolve_metatoken(cfg, data_dir: str | Path, source: str = "conf/metatoken/?
             f"{source}: the prompt of {tag} is empty. Fix: set 'prompt' to the text the tag stands for, "
             f"or 'prompt_file' to a non-empty file under {data_dir}."
         )
-    from pipeline.probes import probe_from_config  # probes raise this module's ConfigError
+    from pipeline.core.probes import probe_from_config  # probes raise this module's ConfigError
 
     return Metatoken(tag=tag, prompt=prompt, source=source, expanded=unescape(prompt), probe=probe_from_config(cfg.get("probe"), source))
 

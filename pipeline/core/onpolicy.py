@@ -40,8 +40,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.losses import generalized_jsd
-from pipeline.metatokens import ConfigError
+from pipeline.core.losses import generalized_jsd
+from pipeline.errors import ConfigError
 
 LOSSES = ("reverse_kl", "jsd")
 FIELDS = (  # the TrainConfig fields that only count with objective=onpolicy (left out of other train keys)

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, DynamicCache, PretrainedConfig
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from pipeline.data import gather_positions, pad_examples
-from pipeline.formats import context_ids
+from pipeline.core.data import gather_positions, pad_examples
+from pipeline.core.formats import context_ids
 
 ATTENTION = "prompt_shared"  # the name our attention function is registered under
 

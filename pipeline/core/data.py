@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.metatokens import ConfigError
+from pipeline.errors import ConfigError
 
 
 def load_inputs(path: str | Path) -> list[dict]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline import distributed, outputs
+from pipeline.runtime import distributed, outputs
 
 
 def enabled(cfg) -> bool:

@@ -11,8 +11,10 @@ import random
 from dataclasses import dataclass, replace
 from typing import Optional
 
-from pipeline.metatokens import ConfigError, Metatoken, expand, job_metatoken, load_registry
-from pipeline.mixture import compose_prompt, order_tags
+from pipeline.errors import ConfigError
+
+from pipeline.core.metatokens import Metatoken, expand, job_metatoken, load_registry
+from pipeline.core.mixture import compose_prompt, order_tags
 
 TagSet = tuple[str, ...]  # tags side by side in one context; () is an untagged input
 

@@ -33,14 +33,18 @@ from datasets import load_from_disk
 from transformers import Trainer, TrainingArguments, get_scheduler, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from pipeline import card, distributed, extend, generate, onpolicy, outputs, progress, tracking
-from pipeline.data import gather_positions, pad_2d, pad_examples
-from pipeline.formats import context_ids
-from pipeline.losses import full_kl, masked_mean, suppress, token_cross_entropy, topk_bins, topk_kl
-from pipeline.job import Job, job_from_config
-from pipeline.metatokens import ConfigError
-from pipeline.models import load_model, load_tokenizer
-from pipeline.teacher import CachedPromptTeacher
+from pipeline.core import card, onpolicy
+
+from pipeline.runtime import distributed, outputs, progress, tracking
+
+from pipeline.stages import extend, generate
+from pipeline.core.data import gather_positions, pad_2d, pad_examples
+from pipeline.core.formats import context_ids
+from pipeline.core.losses import full_kl, masked_mean, suppress, token_cross_entropy, topk_bins, topk_kl
+from pipeline.core.job import Job, job_from_config
+from pipeline.errors import ConfigError
+from pipeline.core.models import load_model, load_tokenizer
+from pipeline.core.teacher import CachedPromptTeacher
 
 log = logging.getLogger(__name__)
 OBJECTIVES = ("kl", "sft", "onpolicy")
@@ -59,7 +63,7 @@ def stage_key(cfg, job: Job) -> dict:
         train_cfg.pop("max_examples", None)
     train_cfg = onpolicy.key_fields(train_cfg)  # kl / sft keys stay as they were before onpolicy existed
     if train_cfg.pop("mode", "finetune") == "pretrain":  # finetune keys stay as they were before pretrain existed
-        from pipeline.pretrain import data_key
+        from pipeline.stages.pretrain import data_key
 
         train_cfg.update(mode="pretrain", pretrain=data_key(cfg))
     generate_key = generate.stage_key(cfg, job)
@@ -373,7 +377,7 @@ def _adapters_off(model):
 
 def held_tag_ids(ext_dir: Path, tokenizer) -> list[int]:
     """Ids of every tag the extended model holds: its new tags and, when bootstrapped, its teacher's."""
-    from pipeline.catalog import tags_of
+    from pipeline.core.catalog import tags_of
 
     return sorted(tokenizer.convert_tokens_to_ids(t) for t in tags_of(ext_dir))
 
@@ -424,7 +428,7 @@ def run(cfg) -> Path:
     pretraining = train_cfg.mode == "pretrain"
     teacher = None
     if pretraining:  # a packed stream of tagged + plain documents, LM loss (pipeline/pretrain.py)
-        from pipeline import pretrain
+        from pipeline.stages import pretrain
 
         examples, pretrain_steps = pretrain.training_stream(cfg, records, tokenizer, tag_ids)
     else:

@@ -20,16 +20,18 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 
-from pipeline.progress import tqdm  # bars only when someone watches (progress=...)
+from pipeline.runtime.progress import tqdm  # bars only when someone watches (progress=...)
 
-from pipeline import distributed, outputs, synthesize
-from pipeline.data import load_inputs, split_inputs
-from pipeline.formats import context_ids
-from pipeline.job import Job, TagSet, job_from_config
-from pipeline.metatokens import ConfigError
-from pipeline.mixture import assign_sets
-from pipeline.models import load_model, load_tokenizer, resolve_model_path, start_model_path
-from pipeline.teacher import prompt_kv, reading_prompt, shared_prefix_length
+from pipeline.runtime import distributed, outputs
+
+from pipeline.stages import synthesize
+from pipeline.core.data import load_inputs, split_inputs
+from pipeline.core.formats import context_ids
+from pipeline.core.job import Job, TagSet, job_from_config
+from pipeline.errors import ConfigError
+from pipeline.core.mixture import assign_sets
+from pipeline.core.models import load_model, load_tokenizer, resolve_model_path, start_model_path
+from pipeline.core.teacher import prompt_kv, reading_prompt, shared_prefix_length
 
 log = logging.getLogger(__name__)
 REFERENCE = "reference"  # held-out samples come from the base model reading the fully expanded prompt
@@ -153,7 +155,7 @@ def sample_all(
     vllm = gen_cfg.backend == "vllm"  # the engine batches and caches the shared prompt itself; we shard its calls
     size = gen_cfg.vllm_shard_size if vllm else gen_cfg.batch_size
     if vllm:
-        from pipeline import vllm_backend
+        from pipeline.core import vllm_backend
     if shard_dir is not None:
         shard_dir.mkdir(parents=True, exist_ok=True)
     results: list[dict] = [None] * len(contexts)

@@ -101,7 +101,7 @@ def _shown(path: Path) -> str:
 
 def summary_line(stage: str, out_dir: Path, seconds: float, started: float) -> str:
     """One line: `stage: what it did in 1m02s -> folder`, or that it reused a finished folder."""
-    from pipeline.outputs import MANIFEST, read_manifest
+    from pipeline.runtime.outputs import MANIFEST, read_manifest
 
     manifest_file = Path(out_dir) / MANIFEST
     if not manifest_file.is_file():

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-from pipeline.metatokens import ConfigError
+from pipeline.errors import ConfigError
 
 STAMP_ENV = "PIPELINE_RUN_STAMP"  # the Hydra run folder's time stamp, the same on every rank
 KILL_ENV = "PIPELINE_KILL_AT_STEP"  # fault injection for the resume test: every rank SIGKILLs itself at this step

@@ -118,7 +118,7 @@ def is_complete(out_dir: Path) -> bool:
 def already_done(out_dir: Path, force: bool, stage: str) -> bool:
     """A finished folder for this exact config exists: the stage has nothing to do (unless forced)."""
     if is_complete(out_dir) and not force:
-        logging.getLogger(f"pipeline.{stage}").info("%s: %s is complete, nothing to do", stage, out_dir)
+        logging.getLogger(f"pipeline.stages.{stage}").info("%s: %s is complete, nothing to do", stage, out_dir)
         return True
     return False
 
@@ -158,7 +158,7 @@ def stage_lock(out_dir: Path, stage: str):
     except Timeout:
         owner = _owner_path(out_dir)
         holder = owner.read_text().strip() if owner.is_file() else "another process"
-        logging.getLogger(f"pipeline.{stage}").warning(
+        logging.getLogger(f"pipeline.stages.{stage}").warning(
             "%s: %s is being written by %s; waiting for it to finish (Ctrl-C to stop waiting)", stage, out_dir, holder
         )
         lock.acquire()
@@ -200,7 +200,7 @@ def stale_partials(outputs: str | Path) -> list[Path]:
 
 def check_writable(outputs: str | Path) -> None:
     """The outputs folder can be created and written (checked before any model loads)."""
-    from pipeline.metatokens import ConfigError
+    from pipeline.errors import ConfigError
 
     outputs = Path(outputs)
     try:
@@ -220,7 +220,7 @@ def read_manifest(out_dir: Path) -> dict:
 
 def train_manifest(folder: str | Path, by: str) -> dict:
     """A finished train output's manifest; a clear error (for command `by`) when the folder is not one."""
-    from pipeline.metatokens import ConfigError
+    from pipeline.errors import ConfigError
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -275,7 +275,7 @@ def atomic_stage_dir(out_dir: Path, stage: str, key: dict, keep_partial: bool = 
     that is thrown away, or with `shared` the same `.partial` folder (for files every rank writes,
     such as checkpoints); only rank 0 writes the manifest and moves the folder into place.
     """
-    from pipeline.distributed import is_main
+    from pipeline.runtime.distributed import is_main
 
     partial = out_dir.with_name(f".{out_dir.name}.partial")
     if not is_main():

@@ -1,0 +1,1 @@
+"""Command-line tools around the pipeline: sample, list (ls), report, push, port."""
