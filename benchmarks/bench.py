@@ -55,8 +55,8 @@ def run_case(case: str, prompt_tokens: int, samples: int, new_tokens: int, epoch
     from omegaconf import OmegaConf
 
     from pipeline.core.formats import context_ids
-    from pipeline.stages.generate import sample_all
     from pipeline.core.models import ensure_default_model, load_model, load_tokenizer
+    from pipeline.core.sampling import sample_all
 
     torch.manual_seed(0)
     path = str(ensure_default_model(MODEL))
@@ -100,10 +100,11 @@ def run_case(case: str, prompt_tokens: int, samples: int, new_tokens: int, epoch
         return result
 
     # Training cases: a LoRA student on the teacher's samples (made untimed, with the cached sampler).
-    from pipeline.stages.extend import extend_model
     from pipeline.core.metatokens import Metatoken
     from pipeline.core.teacher import CachedPromptTeacher
-    from pipeline.stages.train import DistillCollator, build_examples, distill_loss, frozen_start, prepare_trainable
+    from pipeline.core.trainer import DistillCollator, build_examples, distill_loss
+    from pipeline.stages.extend import extend_model
+    from pipeline.stages.train import frozen_start, prepare_trainable
 
     data = ROOT / "outputs" / "bench" / f"teacher-samples-{prompt_tokens}-{samples}-{new_tokens}.json"
     if data.is_file():  # the three training cases train on the same samples; make them once
@@ -205,7 +206,7 @@ def main() -> None:
         "ratios": ratios,
     }
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\n| case | prompt tokens | tokens/s | peak RSS MB |\n|---|---:|---:|---:|")
+    print("\n| case | prompt tokens | tokens/s | peak RSS MB |\n|---|---:|---:|---:|")
     for r in results:
         print(f"| {r['case']} | {r['prompt_tokens']} | {r['tokens_per_s']:.1f} | {r['peak_rss_mb']:.0f} |")
     print("\n| ratio | value |\n|---|---:|")

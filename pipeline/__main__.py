@@ -1,37 +1,40 @@
-"""Entry point: compose the Hydra config and run one stage, or all of them in order.
+"""Entry point: compose the Hydra config, build the job and the stage paths once, run the stages in order.
 
     python -m pipeline stage=all metatoken=pirate
     python -m pipeline stage=train metatoken=nice train.params=full
     python -m pipeline -m stage=all metatoken=nice,pirate      # a multirun over tags
-    torchrun --nproc_per_node 2 -m pipeline stage=all model.device=cpu   # several ranks (README: multi-GPU)
+    torchrun --nproc_per_node 2 -m pipeline stage=all model.device=cpu   # several ranks (docs/multi-gpu.md)
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.runtime import distributed
-from pipeline.config import register_configs
+from pipeline.config import PROJECT_ROOT, register_configs
+from pipeline.core import pretrain_data
+from pipeline.core.job import Job, job_from_config
+from pipeline.core.metatokens import check_hydra_directives
+from pipeline.core.models import start_model_path
+from pipeline.core.validate import check_job, check_values
+from pipeline.errors import ConfigError
+from pipeline.runtime import distributed, outputs, progress
+from pipeline.stages import evaluate, extend, generate, synthesize, train
+from pipeline.stages.paths import STAGES, StagePaths, stage_paths
 
 log = logging.getLogger("pipeline")
-STAGES = ("synthesize", "generate", "extend", "train", "evaluate")
+RECIPES = {"synthesize": synthesize, "generate": generate, "extend": extend, "train": train, "evaluate": evaluate}  # each .run
+EVERY_RANK = ("generate", "train")  # generate: each rank samples its shard; train: DDP / ZeRO. The others: rank 0.
 
 register_configs()
 
 
-def run_stages(cfg: DictConfig) -> None:
-    """Run `cfg.stage` (or every stage for `all`); each stage skips itself when its output exists."""
-    from pipeline.runtime import outputs, progress
-    from pipeline.stages import evaluate, extend, generate, synthesize, train
-    from pipeline.core.job import job_from_config
-    from pipeline.errors import ConfigError
-    from pipeline.core.models import start_model_path
-    from pipeline.core.validate import check_job, check_values
-
-    modules = {"synthesize": synthesize, "generate": generate, "extend": extend, "train": train, "evaluate": evaluate}
+def check_before_running(cfg: DictConfig) -> Job:
+    """Every check that needs no model weights, before any stage runs: a bad value fails in seconds."""
     if cfg.stage not in (*STAGES, "all"):
         raise ConfigError(f"stage={cfg.stage!r} is not a stage. Fix: use one of {', '.join(STAGES)} or all.")
     check_values(cfg)  # every range, before anything is read or loaded
@@ -43,22 +46,35 @@ def run_stages(cfg: DictConfig) -> None:
         for metatoken in job.metatokens.values():
             check_job(cfg, metatoken, start_model_path(cfg))
     progress.configure(cfg.progress)
-    if cfg.train.mode != "finetune":
-        from pipeline.stages.pretrain import check_config
-
-        check_config(cfg)  # and the pretrain stream's settings
+    pretrain_data.check_config(cfg)  # the pretrain stream's settings (train.mode=pretrain)
     outputs.check_writable(cfg.paths.outputs)
+    return job
+
+
+def run_stage(name: str, cfg: DictConfig, job: Job, paths: StagePaths) -> Path:
+    """One stage: its finished folder when one exists for this config (unless force=true), else its recipe's."""
+    if outputs.already_done(paths[name], cfg.force, name):
+        if name == "evaluate":
+            print((paths[name] / "report.md").read_text())
+        return paths[name]
+    return RECIPES[name].run(cfg, job, paths)
+
+
+def run_stages(cfg: DictConfig) -> None:
+    """Run `cfg.stage` (or every stage for `all`); each stage skips itself when its output exists."""
+    job = check_before_running(cfg)
+    paths = stage_paths(cfg, job)
     for name in STAGES if cfg.stage == "all" else (cfg.stage,):
         if name == "synthesize" and cfg.inputs.synthetic.count == 0:
             continue  # off: the shipped inputs only
         log.info("stage %s", name)
         # rank 0 holds the output's lock: another run of the same stage and config waits for this one
-        lock = outputs.stage_lock(modules[name].output_dir(cfg, job), name) if distributed.is_main() else contextlib.nullcontext()
+        lock = outputs.stage_lock(paths[name], name) if distributed.is_main() else contextlib.nullcontext()
         with lock:
-            if name in ("generate", "train"):  # every rank works (generate: its shard; train: DDP / ZeRO)
-                progress.run_with_summary(name, modules[name].run, cfg)
-            else:  # extend and evaluate: rank 0 alone, the other ranks wait
-                distributed.on_main(name, progress.run_with_summary, name, modules[name].run, cfg)
+            if name in EVERY_RANK:
+                progress.run_with_summary(name, run_stage, cfg, job, paths)
+            else:  # rank 0 alone, the other ranks wait
+                distributed.on_main(name, progress.run_with_summary, name, run_stage, cfg, job, paths)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -67,13 +83,7 @@ def main(cfg: DictConfig) -> None:
 
 
 def check_conf() -> None:
-    """Before Hydra reads conf/: no metatoken file may carry what Hydra would act on (see metatokens.py)."""
-    import sys
-
-    from pipeline.config import PROJECT_ROOT
-    from pipeline.errors import ConfigError
-    from pipeline.core.metatokens import check_hydra_directives
-
+    """Before Hydra reads conf/: no metatoken file may carry what Hydra would act on (see core/metatokens.py)."""
     try:
         check_hydra_directives(PROJECT_ROOT / "conf" / "metatoken")
     except ConfigError as err:

@@ -1,5 +1,5 @@
-"""`python -m pipeline.report` keeps working: it runs `python -m pipeline.runtime.report`."""
+"""`python -m pipeline.report` keeps working: it runs `python -m pipeline.cli.report`."""
 import runpy
 
 if __name__ == "__main__":
-    runpy.run_module("pipeline.runtime.report", run_name="__main__", alter_sys=True)
+    runpy.run_module("pipeline.cli.report", run_name="__main__", alter_sys=True)

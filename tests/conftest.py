@@ -173,7 +173,7 @@ def no_weights(monkeypatch):
         pytest.fail("weights were loaded")
 
     for name in ("core.models", "stages.generate", "stages.extend", "stages.train", "stages.evaluate",
-                 "stages.pretrain", "cli.sample"):
+                 "cli.sample"):
         module = importlib.import_module(f"pipeline.{name}")
         if hasattr(module, "load_model"):
             monkeypatch.setattr(module, "load_model", refuse)
@@ -186,3 +186,13 @@ def pinned_model_content(monkeypatch):
 
     monkeypatch.setattr(outputs, "model_content", lambda path: "pinned-content")
     monkeypatch.setattr(outputs, "package_version", lambda package: "0.1.2")
+
+
+def run_recipe(stage, cfg):
+    """One stage's recipe alone (`stage.run`), with the job and stage paths that `__main__` builds once per run
+    (no reuse check, no lock: the tests that call it want the recipe itself)."""
+    from pipeline.core.job import job_from_config
+    from pipeline.stages.paths import stage_paths
+
+    job = job_from_config(cfg)
+    return stage.run(cfg, job, stage_paths(cfg, job))

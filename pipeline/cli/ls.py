@@ -14,16 +14,18 @@ outputs are the complete folders under `<outputs>/train` whose model holds the t
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
+from transformers import AutoTokenizer
+
 from pipeline.core import catalog
+from pipeline.runtime.outputs import stale_partials
 
 
 def prompt_counter(tokenizer_path: str | Path | None):
     """(count function, unit): tokens of the given tokenizer, or words when there is none."""
     if tokenizer_path and Path(tokenizer_path, "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
         tok = AutoTokenizer.from_pretrained(str(tokenizer_path))
         return (lambda text: len(tok(text, add_special_tokens=False)["input_ids"])), f"tokens ({Path(tokenizer_path).name})"
     return (lambda text: len(text.split())), "words (no tokenizer found)"
@@ -57,10 +59,6 @@ def format_table(headers: list[str], table: list[list[str]]) -> str:
 
 def stale_section(outputs_dir: str | Path, remove: bool) -> str:
     """The `.partial` folders no running process holds, with their sizes; removed with `remove`."""
-    import shutil
-
-    from pipeline.runtime.outputs import stale_partials
-
     stale = stale_partials(outputs_dir)
     if not stale:
         return ""

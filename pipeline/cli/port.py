@@ -14,17 +14,25 @@ Everything is checked before any model loads.
 """
 from __future__ import annotations
 
+import json
 import logging
 import shlex
+import sys
 from pathlib import Path
 
+import torch
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from pipeline.runtime import outputs
-
-from pipeline.stages import evaluate, train
+from pipeline.__main__ import run_stages
+from pipeline.config import PROJECT_ROOT, Config, register_configs
 from pipeline.core.job import job_from_config
 from pipeline.errors import ConfigError
+from pipeline.runtime import outputs
+from pipeline.stages import paths
 
 log = logging.getLogger(__name__)
 SCORES = ("recovery", "recovery_ci", "effect_kl", "residual_kl", "prompt_tokens_saved")
@@ -52,12 +60,6 @@ def parse(argv: list[str]) -> tuple[Path, list[str], list[str], list[str]]:
 
 def compose(overrides: list[str]) -> DictConfig:
     """The real conf/ tree composed with overrides, as `python -m pipeline` would."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from pipeline.config import PROJECT_ROOT, register_configs
-
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
@@ -66,8 +68,6 @@ def compose(overrides: list[str]) -> DictConfig:
 
 def source_config(folder: Path, made_by: list[str]) -> DictConfig:
     """The config the source output ran with, checked to name exactly that folder again."""
-    from pipeline.config import Config
-
     manifest = outputs.train_manifest(folder, by="port")
     if "config" in manifest:
         cfg = OmegaConf.merge(OmegaConf.structured(Config), manifest["config"])
@@ -78,7 +78,7 @@ def source_config(folder: Path, made_by: list[str]) -> DictConfig:
             f"port: {folder / outputs.MANIFEST} predates manifests that record their config. "
             f'Fix: add source="<the overrides that made it>", e.g. source="experiment=demo".'
         )
-    again = train.output_dir(cfg, job_from_config(cfg)).name
+    again = paths.output_dir("train", cfg, job_from_config(cfg)).name
     if again != folder.name:
         raise ConfigError(
             f"port: the source config names {again}, not {folder.name}: its inputs, prompts or metatoken files changed "
@@ -110,9 +110,6 @@ def check_lora_targets(cfg) -> None:
     """LoRA target names are per architecture (q_proj vs c_attn): fail before any work when none exist."""
     if cfg.train.params != "lora" or cfg.model.gguf_package:
         return
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     with torch.device("meta"):  # the module tree without weights
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(cfg.model.path)))
     leaves = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if not list(module.children())}
@@ -181,24 +178,20 @@ def to_markdown(port: dict) -> str:
 
 def run(argv: list[str]) -> Path:
     """Check everything, run the chain on the other model (and evaluate the source if it was not), report."""
-    import json
-
-    from pipeline.__main__ import run_stages
-
     folder, model_overrides, extra, made_by = parse(argv)
     source = source_config(folder, made_by)
     target = target_config(source, model_overrides, extra)
     check_lora_targets(target)
     source_job, target_job = job_from_config(source), job_from_config(target)
-    key = {"source": evaluate.stage_key(source, source_job), "target": evaluate.stage_key(target, target_job)}
+    key = {"source": paths.stage_key("evaluate", source, source_job), "target": paths.stage_key("evaluate", target, target_job)}
     out_dir = outputs.stage_dir(source.paths.outputs, "port", source_job.label, key)
     if outputs.already_done(out_dir, bool(source.force), "port"):
         print((out_dir / "report.md").read_text())
         return out_dir
-    if not outputs.is_complete(evaluate.output_dir(source, source_job)):
+    if not outputs.is_complete(paths.output_dir("evaluate", source, source_job)):
         run_stages(OmegaConf.merge(source, {"stage": "evaluate"}))  # the source's side of the table
     run_stages(target)
-    reports = [json.loads((evaluate.output_dir(c, j) / "report.json").read_text()) for c, j in ((source, source_job), (target, target_job))]
+    reports = [json.loads((paths.output_dir("evaluate", c, j) / "report.json").read_text()) for c, j in ((source, source_job), (target, target_job))]
     port = side_by_side(*reports, from_dir=str(folder))
     with outputs.atomic_stage_dir(out_dir, "port", key, config=target) as (work, manifest):
         outputs.write_json(work / "report.json", port)
@@ -209,8 +202,6 @@ def run(argv: list[str]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    import sys
-
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)

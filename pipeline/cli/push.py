@@ -14,8 +14,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from pipeline.runtime import outputs
 from pipeline.errors import ConfigError
+from pipeline.runtime import outputs
 
 log = logging.getLogger(__name__)
 IGNORE = [".*", "**/.*", "checkpoints/**"]  # hidden files (atomic-write leftovers) and any stray checkpoints

@@ -21,15 +21,15 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+from transformers import TextStreamer
 
 from pipeline.core import catalog
-
-from pipeline.runtime import progress
 from pipeline.core.formats import context_ids
-from pipeline.errors import ConfigError
 from pipeline.core.metatokens import TAG_PATTERN
 from pipeline.core.models import load_model, load_tokenizer
+from pipeline.core.sampling import sample_answer
+from pipeline.errors import ConfigError
+from pipeline.runtime import progress
 
 
 @dataclass
@@ -138,24 +138,13 @@ class Sampler:
                 f"Fix: use one of those, or a model trained with the tag (`python -m pipeline.list`)."
             )
 
-    @torch.no_grad()
     def answer(self, text: str, tags: list[str], args: SampleArgs, streamer=None) -> tuple[str, list[int]]:
         """(decoded answer, generated token ids) for `text` read with `tags` (none: the plain context)."""
-        ids = torch.tensor([context_ids(self.tokenizer, text, "".join(tags) if tags else None, self.chat)])
-        ids = ids.to(self.model.device)
-        sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": 0}
-        torch.manual_seed(args.seed)
-        out = self.model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=args.max_new_tokens,
-            pad_token_id=self.tokenizer.pad_token_id,
-            # Explicit, not only from the saved generation config: an adapter folder or a copied model may lack it.
-            suppress_tokens=self.tag_ids or None,
-            streamer=streamer,
-            **(sampling if args.temperature > 0 else {"do_sample": False}),
+        context = context_ids(self.tokenizer, text, "".join(tags) if tags else None, self.chat)
+        new = sample_answer(
+            self.model, self.tokenizer, context, args.temperature, args.top_p, args.max_new_tokens, args.seed,
+            suppress_ids=self.tag_ids, streamer=streamer,
         )
-        new = out[0, ids.shape[1] :].tolist()
         return self.tokenizer.decode(new, skip_special_tokens=True).strip(), new
 
 
@@ -172,8 +161,6 @@ def _lines(stream):
 
 
 def _respond(sampler: Sampler, text: str, tags: list[str], args: SampleArgs, out) -> None:
-    from transformers import TextStreamer
-
     for variant in ([[], tags] if args.compare and tags else [tags]):
         name = "+".join(variant) or "no tag"
         if out.isatty():  # a person is watching: print tokens as they come

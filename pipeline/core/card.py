@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.core.formats import context_ids
+from pipeline.core.metatokens import load_registry
+from pipeline.core.models import load_tokenizer
 from pipeline.runtime import outputs
 
 CARD = "README.md"
@@ -27,8 +30,6 @@ def base_model_id(model_cfg) -> str | None:
 
 def descriptions(cfg, job) -> dict[str, str]:
     """Each tag's one-line description, from the run's metatoken or its file in conf/metatoken."""
-    from pipeline.core.metatokens import load_registry
-
     found = {cfg.metatoken.tag: cfg.metatoken.description or ""} if cfg.metatoken.get("tag") else {}
     missing = [t for t in job.tags if t not in found]
     if missing:
@@ -45,8 +46,6 @@ def facts(cfg, job, tokenizer) -> dict:
     Prompt tokens saved per call: the context with the set's (expanded) prompt minus the context with its
     tags, in this model's tokens, the way evaluate counts them (there averaged over held-out inputs).
     """
-    from pipeline.core.formats import context_ids
-
     chat = bool(cfg.model.chat)
     names = descriptions(cfg, job)
     trained = {s for s in job.train_sets if s}
@@ -182,8 +181,6 @@ def refresh(train_dir: Path, report: dict, cfg, job) -> Path:
     A train folder from before cards has no `card` facts in its manifest; they are gathered from the
     config then (the manifest itself is left as it is).
     """
-    from pipeline.core.models import load_tokenizer
-
     manifest = outputs.read_manifest(train_dir)
     if "card" not in manifest:
         manifest = {**manifest, "card": facts(cfg, job, load_tokenizer(str(train_dir)))}

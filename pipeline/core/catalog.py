@@ -8,20 +8,17 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from pipeline.errors import ConfigError
-
+from pipeline.config import PROJECT_ROOT, register_configs
 from pipeline.core.metatokens import Metatoken, inner_tags, read_metatoken_file, resolve_metatoken
+from pipeline.errors import ConfigError
 from pipeline.runtime.outputs import MANIFEST, is_complete, read_manifest
 
 
 def default_paths():
     """paths.* as the pipeline composes them (so conf/local/ overrides apply here too)."""
-    from hydra import compose, initialize_config_dir
-
-    from pipeline.config import PROJECT_ROOT, register_configs
-
     register_configs()
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config")

@@ -11,10 +11,10 @@ import random
 from dataclasses import dataclass, replace
 from typing import Optional
 
-from pipeline.errors import ConfigError
-
-from pipeline.core.metatokens import Metatoken, expand, job_metatoken, load_registry
+from pipeline.core.formats import context_ids
+from pipeline.core.metatokens import expand, job_metatoken, load_registry
 from pipeline.core.mixture import compose_prompt, order_tags
+from pipeline.errors import ConfigError
 
 TagSet = tuple[str, ...]  # tags side by side in one context; () is an untagged input
 
@@ -111,3 +111,14 @@ def job_from_config(cfg) -> Job:
         total = sum(weights)
         train_sets, weights = train_sets + [()], [w / total * (1 - mix.untagged) for w in weights] + [mix.untagged]
     return Job(metatokens, tuple(train_sets), tuple(weights), eval_sets, mix.order, mix.join)
+
+
+def student_context(job: Job, record: dict, tokenizer, chat: bool, seed: int | None = None) -> list[int]:
+    """The student's context for a record: its tags side by side in place of the prompt, then its input.
+
+    With a `seed` (training) and `mixture.order=random`, each record gets its own order (seeded by the seed,
+    its id and its tags), so the tags are learned as a set; without one (evaluation) a set's tags come in the
+    job's order. Untagged records get the plain context.
+    """
+    rng = random.Random(f"{seed}:{record['id']}:{'+'.join(record['tags'])}") if seed is not None else None
+    return context_ids(tokenizer, record["input"], job.student_tags(tuple(record["tags"]), rng), chat)

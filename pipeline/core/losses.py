@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -154,15 +155,11 @@ def pooled_recovery(residual_sums, effect_sums):
     short one, exactly as in the per-token means the report gives. Works along the last axis, so
     it takes one row of inputs [n] or a batch of resamples [B, n].
     """
-    import numpy as np
-
     return 1.0 - np.sum(residual_sums, axis=-1) / np.sum(effect_sums, axis=-1)
 
 
 def pooled_mean(value_sums, counts):
     """Token-weighted mean over inputs (e.g. drift per token): sum(values) / sum(counts), along the last axis."""
-    import numpy as np
-
     return np.sum(value_sums, axis=-1) / np.sum(counts, axis=-1)
 
 
@@ -178,8 +175,6 @@ def bootstrap_interval(statistic, *per_input, resamples: int = 1000, seed: int =
 
     Returns (low, high), or (nan, nan) with no inputs or no defined resample.
     """
-    import numpy as np
-
     arrays = [np.asarray(a, dtype=np.float64) for a in per_input]
     n = len(arrays[0]) if arrays else 0
     if n == 0:
@@ -193,3 +188,16 @@ def bootstrap_interval(statistic, *per_input, resamples: int = 1000, seed: int =
     tail = (1.0 - level) / 2 * 100
     low, high = np.percentile(values, [tail, 100 - tail])
     return float(low), float(high)
+
+
+IGNORE = -100  # the label Hugging Face losses skip
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, tag_ids: list[int]) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled positions, tags suppressed as everywhere else.
+
+    logits [B, L, V], labels [B, L] (Hugging Face layout: labels[t] is predicted by logits[t-1]).
+    """
+    targets = labels[:, 1:]
+    per_token = token_cross_entropy(suppress(logits[:, :-1], tag_ids), targets.clamp_min(0))
+    return masked_mean(per_token, targets != IGNORE)

@@ -10,12 +10,15 @@ import hashlib
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+from transformers import AutoTokenizer
+
+from pipeline.config import MetatokenConfig
+from pipeline.core.probes import Probe, probe_from_config
 from pipeline.errors import ConfigError
-
-if TYPE_CHECKING:
-    from pipeline.core.probes import Probe
 
 # One token: angle brackets around letters, digits, '_' or '-'. Spaces would let the tokenizer split it.
 TAG_PATTERN = re.compile(r"^<[A-Za-z0-9_\-]+>$")
@@ -58,8 +61,6 @@ ESCAPED_INTERPOLATION = "\\${"  # `\${` writes a literal `${` (OmegaConf's own e
 def _raw_fields(cfg, source: str) -> dict:
     """The node's values as written, refusing `${...}`: a prompt is data, and an interpolation such as
     `${oc.env:SECRET}` would pull the environment into the data, the reports and the manifests."""
-    from omegaconf import OmegaConf
-
     raw = OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else dict(cfg)
     fields = {}
     for name in FIELDS:
@@ -123,16 +124,12 @@ def resolve_metatoken(cfg, data_dir: str | Path, source: str = "conf/metatoken/?
             f"{source}: the prompt of {tag} is empty. Fix: set 'prompt' to the text the tag stands for, "
             f"or 'prompt_file' to a non-empty file under {data_dir}."
         )
-    from pipeline.core.probes import probe_from_config  # probes raise this module's ConfigError
-
     return Metatoken(tag=tag, prompt=prompt, source=source, expanded=unescape(prompt), probe=probe_from_config(cfg.get("probe"), source))
 
 
 def metatoken_source() -> str:
     """The YAML file Hydra took the metatoken from, for error messages (best effort)."""
     try:
-        from hydra.core.hydra_config import HydraConfig
-
         return f"conf/metatoken/{HydraConfig.get().runtime.choices['metatoken']}.yaml"
     except Exception:  # not running under Hydra (tests, notebooks)
         return "metatoken config"
@@ -171,8 +168,6 @@ HYDRA_KEYS = ("hydra", "defaults")  # keys Hydra acts on while composing: never 
 
 def hydra_directives(text: str) -> list[str]:
     """What in a metatoken file's text Hydra would act on: a `# @package` header, `hydra` or `defaults` keys."""
-    import yaml
-
     found = [line.strip() for line in text.splitlines() if re.match(r"\s*#\s*@package", line)]
     try:
         data = yaml.safe_load(text)
@@ -187,11 +182,6 @@ def read_metatoken_file(path: str | Path):
     Only these fields are allowed: no `# @package` header, no `hydra` or `defaults` keys (which
     would make Hydra call code or pull in other configs), no interpolation (checked when resolved).
     """
-    import yaml
-    from omegaconf import OmegaConf
-
-    from pipeline.config import MetatokenConfig
-
     try:
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
@@ -324,8 +314,6 @@ def check_bootstrap_teacher(cfg, metatoken: Metatoken) -> None:
             f"generate.bootstrap_model is {path!r}, which is not a trained output folder. Fix: point it to the "
             f"train output that knows the inner tags of {metatoken.tag} ({source}), e.g. outputs/train/<name>-<hash>."
         )
-    from transformers import AutoTokenizer
-
     vocab = AutoTokenizer.from_pretrained(path).get_vocab()
     missing = [t for t in inner_tags(metatoken.prompt) if t not in vocab]
     if missing:

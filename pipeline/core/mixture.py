@@ -8,7 +8,7 @@ These are pure functions so their proportions and orders can be tested exactly.
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from collections.abc import Sequence
 
 from pipeline.errors import ConfigError
 

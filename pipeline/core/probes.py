@@ -23,6 +23,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import numpy as np
+
+from pipeline.core.losses import bootstrap_interval, pooled_mean
 from pipeline.errors import ConfigError
 
 PROBE_KINDS = ("regex", "words", "lowercase")
@@ -88,8 +91,6 @@ def retention(base_num, base_den, teacher_num, teacher_den, student_num, student
     1: the student shows the trait as much as the teacher; 0: no more than the base model; above 1:
     more than the teacher (a caricature). NaN where teacher and base do not differ.
     """
-    import numpy as np
-
     def pooled(num, den):
         return np.sum(num, axis=-1) / np.sum(den, axis=-1)
 
@@ -111,8 +112,6 @@ def probe_report(probe: Probe, tag: str, answers: dict[str, list[str]], resample
     `answers` maps "base", "teacher" and "student" to their answers, input by input in one order;
     the retention's 95% interval resamples inputs (all three answers to an input together).
     """
-    from pipeline.core.losses import bootstrap_interval, pooled_mean
-
     terms = {name: answer_terms(probe, answers[name]) for name in ("base", "teacher", "student")}
     flat = [column for name in ("base", "teacher", "student") for column in terms[name]]
     low, high = bootstrap_interval(retention, *flat, resamples=resamples, seed=seed)

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.core.data import load_inputs
+from omegaconf import OmegaConf
+from transformers import AutoConfig, AutoTokenizer
+
+from pipeline.core.data import load_inputs, split_inputs
 from pipeline.core.formats import context_ids
-from pipeline.errors import ConfigError
 from pipeline.core.metatokens import Metatoken, check_bootstrap_teacher, inner_tags
+from pipeline.errors import ConfigError
 
 # (field, test, what the field must be). Fields absent from a config (None for optional caps) are skipped.
 AT_LEAST_ONE = "at least 1"
@@ -45,8 +48,6 @@ VALUE_RULES = [
 
 
 def _value(cfg, dotted: str):
-    from omegaconf import OmegaConf
-
     return OmegaConf.select(cfg, dotted, default=None)
 
 
@@ -74,8 +75,6 @@ def check_values(cfg) -> None:
 
 def check_split(cfg, rows: list[dict]) -> None:
     """At least one training and one held-out input after the split and the caps."""
-    from pipeline.core.data import split_inputs
-
     train_rows, heldout_rows = split_inputs(rows, cfg.inputs.heldout_fraction, cfg.inputs.max_train, cfg.inputs.max_heldout)
     for name, part, fix in (("training", train_rows, "lower"), ("held-out", heldout_rows, "raise")):
         if not part:
@@ -116,8 +115,6 @@ def check_job(cfg, metatoken: Metatoken, model_path: str) -> None:
     - at least one training and one held-out input; top-k no larger than the vocabulary;
     - the teacher's context for the longest input (in tokens) fits the model's window (and by how much it does not).
     """
-    from transformers import AutoConfig, AutoTokenizer
-
     rows = load_inputs(cfg.inputs.file)
     check_bootstrap_teacher(cfg, metatoken)
     check_model_path(model_path)

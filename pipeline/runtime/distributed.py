@@ -15,21 +15,17 @@ DeepSpeed is imported only when a config turns it on.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import signal
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from transformers import TrainerCallback
+from omegaconf import OmegaConf
 
 from pipeline.errors import ConfigError
 
 STAMP_ENV = "PIPELINE_RUN_STAMP"  # the Hydra run folder's time stamp, the same on every rank
-KILL_ENV = "PIPELINE_KILL_AT_STEP"  # fault injection for the resume test: every rank SIGKILLs itself at this step
 
 
 def launched_world_size() -> int:
@@ -160,8 +156,6 @@ def deepspeed_config(cfg) -> dict | None:
     """The DeepSpeed config for TrainingArguments (None: plain DDP / one process), validated first."""
     if cfg.get("deepspeed") is None:
         return None
-    from omegaconf import OmegaConf
-
     ds = OmegaConf.to_container(cfg.deepspeed, resolve=True)
     where = "deepspeed (conf/deepspeed/*.yaml)"
     if not isinstance(ds, dict) or "zero_optimization" not in ds:
@@ -219,64 +213,3 @@ def full_params(model):
 
 
 # ---------------------------------------------------------------- training logs
-
-class JsonlLog(TrainerCallback):
-    """Rank 0 appends every Trainer log (loss, lr, grad norm) plus throughput to `train_log.jsonl`.
-
-    Throughput (steps, samples and input tokens per second since the last log) is added to the log
-    dict itself, so wandb receives it too (this callback runs before the wandb one). On a resume the
-    lines written after the checkpoint's step are dropped: the file holds one line per logged step.
-    """
-
-    def __init__(self, path: Path, global_batch: int):
-        self.path = Path(path)
-        self.global_batch = global_batch
-        self.last = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
-            return
-        kept = []
-        if self.path.exists():
-            kept = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= state.global_step]
-        self.path.write_text("".join(l + "\n" for l in kept))
-        self.last = (time.time(), state.global_step, state.num_input_tokens_seen)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or logs is None:
-            return
-        now, step, tokens = time.time(), state.global_step, state.num_input_tokens_seen
-        if self.last and step > self.last[1] and "loss" in logs:
-            seconds = max(now - self.last[0], 1e-9)
-            logs["steps_per_second"] = round((step - self.last[1]) / seconds, 4)
-            logs["samples_per_second"] = round((step - self.last[1]) * self.global_batch / seconds, 3)
-            if tokens and self.last[2] is not None:
-                logs["tokens_per_second"] = round((tokens - self.last[2]) / seconds, 1)
-            self.last = (now, step, tokens)
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, "epoch": state.epoch, "time": round(now, 3), **logs}) + "\n")
-
-
-class KillAtStep(TrainerCallback):
-    """Fault injection (tests): with PIPELINE_KILL_AT_STEP=N every rank SIGKILLs itself once step N is logged."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.global_step >= self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-def train_callbacks(work: Path, global_batch: int) -> list[TrainerCallback]:
-    callbacks: list[TrainerCallback] = [JsonlLog(work / "train_log.jsonl", global_batch)]
-    if os.environ.get(KILL_ENV):
-        callbacks.append(KillAtStep(int(os.environ[KILL_ENV])))
-    return callbacks
-
-
-def add_callbacks_first(trainer, callbacks) -> None:
-    """Put our callbacks before the reporting ones, so the throughput they add reaches wandb."""
-    handler = trainer.callback_handler
-    for cb in reversed(callbacks):
-        handler.callbacks.insert(0, cb)

@@ -16,15 +16,25 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+import datasets
+import peft
+import torch
+import transformers
+from filelock import FileLock, Timeout
+from omegaconf import OmegaConf
+
+from pipeline.config import PROJECT_ROOT
+from pipeline.errors import ConfigError
+from pipeline.runtime.distributed import is_main
 
 MANIFEST = "manifest.json"
 
 
 def plain(node) -> dict:
     """A config node as plain Python values (for hashing and manifests)."""
-    from omegaconf import OmegaConf
-
     return OmegaConf.to_container(node, resolve=True, enum_to_str=True) if OmegaConf.is_config(node) else dict(node)
 
 
@@ -78,8 +88,6 @@ def model_content(path: str | Path) -> str | None:
 
 
 def package_version(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version(package)
     except PackageNotFoundError:
@@ -89,8 +97,6 @@ def package_version(package: str) -> str | None:
 def model_key(model_cfg) -> dict:
     """What identifies the base model: its source (package or id/path relative to the project), its format, and
     its content (files' hash; for the default model also the version of the package its GGUF file comes from)."""
-    from pipeline.config import PROJECT_ROOT
-
     source = model_cfg.gguf_package or str(model_cfg.path).replace(str(PROJECT_ROOT), ".")
     key = {"source": source, "chat": model_cfg.chat, "dtype": model_cfg.dtype, "content": model_content(model_cfg.path)}
     if model_cfg.gguf_package:
@@ -149,8 +155,6 @@ def stage_lock(out_dir: Path, stage: str):
 
     While it waits it says which process holds the lock (pid, host, since when).
     """
-    from filelock import FileLock, Timeout
-
     lock_path(out_dir).parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(lock_path(out_dir)))
     try:
@@ -172,8 +176,6 @@ def stage_lock(out_dir: Path, stage: str):
 
 def is_locked(out_dir: Path) -> bool:
     """Whether a running process holds this output's lock (so its `.partial` folder is not stale)."""
-    from filelock import FileLock, Timeout
-
     if not lock_path(out_dir).exists():
         return False
     lock = FileLock(str(lock_path(out_dir)))
@@ -200,8 +202,6 @@ def stale_partials(outputs: str | Path) -> list[Path]:
 
 def check_writable(outputs: str | Path) -> None:
     """The outputs folder can be created and written (checked before any model loads)."""
-    from pipeline.errors import ConfigError
-
     outputs = Path(outputs)
     try:
         outputs.mkdir(parents=True, exist_ok=True)
@@ -220,8 +220,6 @@ def read_manifest(out_dir: Path) -> dict:
 
 def train_manifest(folder: str | Path, by: str) -> dict:
     """A finished train output's manifest; a clear error (for command `by`) when the folder is not one."""
-    from pipeline.errors import ConfigError
-
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"{by}: {folder} is not a folder. Fix: give a finished train output, e.g. outputs/train/<tag>-<hash>.")
@@ -249,11 +247,6 @@ def write_json(path: Path, obj) -> None:
 
 
 def versions() -> dict:
-    import datasets
-    import peft
-    import torch
-    import transformers
-
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -275,8 +268,6 @@ def atomic_stage_dir(out_dir: Path, stage: str, key: dict, keep_partial: bool = 
     that is thrown away, or with `shared` the same `.partial` folder (for files every rank writes,
     such as checkpoints); only rank 0 writes the manifest and moves the folder into place.
     """
-    from pipeline.runtime.distributed import is_main
-
     partial = out_dir.with_name(f".{out_dir.name}.partial")
     if not is_main():
         if shared:

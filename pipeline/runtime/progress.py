@@ -12,8 +12,12 @@ import sys
 import time
 from pathlib import Path
 
+import datasets
 from tqdm.auto import tqdm as _tqdm
 from transformers.trainer_callback import ProgressCallback
+from transformers.utils import logging as hf_logging
+
+from pipeline.runtime.outputs import MANIFEST, read_manifest
 
 _forced: bool | None = None  # None: decide by whether stderr is a terminal
 
@@ -23,9 +27,6 @@ def configure(progress: bool | None) -> None:
     global _forced
     _forced = progress
     # The libraries' own bars (weight loading, dataset filters) follow the same switch.
-    import datasets
-    from transformers.utils import logging as hf_logging
-
     if enabled():
         hf_logging.enable_progress_bar()
         datasets.enable_progress_bars()
@@ -101,8 +102,6 @@ def _shown(path: Path) -> str:
 
 def summary_line(stage: str, out_dir: Path, seconds: float, started: float) -> str:
     """One line: `stage: what it did in 1m02s -> folder`, or that it reused a finished folder."""
-    from pipeline.runtime.outputs import MANIFEST, read_manifest
-
     manifest_file = Path(out_dir) / MANIFEST
     if not manifest_file.is_file():
         return f"{stage}: no output written ({duration(seconds)})"
@@ -113,9 +112,9 @@ def summary_line(stage: str, out_dir: Path, seconds: float, started: float) -> s
     return f"{stage}: {what} in {duration(seconds)} -> {_shown(target)}"
 
 
-def run_with_summary(stage: str, run, cfg) -> Path:
-    """Run one stage and print its summary line (stdout, so it shows in logs without a terminal)."""
+def run_with_summary(stage: str, run, *args) -> Path:
+    """`run(stage, *args)`, one stage, then its summary line (stdout, so it shows in logs without a terminal)."""
     started = time.time()
-    out_dir = run(cfg)
+    out_dir = run(stage, *args)
     print(summary_line(stage, out_dir, time.time() - started, started), flush=True)
     return out_dir

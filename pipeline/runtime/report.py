@@ -1,10 +1,7 @@
 """The evaluation report, rendered from `report.json`: `report.md`, a self-contained `report.html`, PNG plots.
 
-Evaluate writes one report into its own folder. This module can also gather every finished evaluation
-into one report (a row per tag or tag set), or re-render one after the renderer changed:
-
-    python -m pipeline.report                                     # all of outputs/evaluate -> outputs/report/
-    python -m pipeline.report outputs/evaluate/pirate-1a2b3c4d5e  # re-render that folder's report in place
+Evaluate writes one report into its own folder; `python -m pipeline.report` (pipeline/cli/report.py) gathers
+every finished evaluation into one report, or re-renders one after the renderer changed.
 
 Inputs: `report.json` (metrics, samples, per-position KL) and, when it is still there, the training log
 `train_log.json` in the train folder the report names. The HTML embeds its images (base64), so it opens
@@ -12,15 +9,19 @@ from disk with no server. Plots use matplotlib's object API with the Agg canvas 
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import json
 import logging
 import math
-import os
 import re
 from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from pipeline.config import PROJECT_ROOT
+from pipeline.runtime.outputs import write_text
 
 log = logging.getLogger(__name__)
 PLOTS = "plots"
@@ -124,16 +125,12 @@ def loss_curve(train_log: list[dict]) -> tuple[list[int], list[float]]:
 
 
 def _figure(width: float = 7.0, height: float = 3.6):
-    from matplotlib.figure import Figure  # no pyplot: no global state, no display; PNGs go through Agg
-
     fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
     return fig, fig.add_subplot()
 
 
 def plot_recovery(reports: list[dict], path: Path) -> Path:
     """Grouped bars per tag: recovery of the untrained tag and of the trained student."""
-    import numpy as np
-
     fig, ax = _figure(max(5.5, 1.4 * len(reports) + 2.5))
     x = np.arange(len(reports))
     floor = -1.0  # bars below are cut here (the label keeps the true value), so one bad init can't hide the rest
@@ -226,16 +223,9 @@ def make_plots(reports: list[dict], out_dir: Path) -> dict[str, Path]:
 # ---------------------------------------------------------------- document
 
 
-def blocks(reports: list[dict], figures: dict[str, Path]) -> list[tuple]:
-    """The report as a list of blocks that both the Markdown and the HTML writers render.
-
-    Block kinds: ("h1"|"h2"|"h3"|"p", text with **bold** and `code`), ("table", headers, rows),
-    ("img", title, caption, path relative to the report), ("sample", input, [(heading, text), ...])
-    where headings may hold `code` and texts are shown verbatim.
-    """
+def headline_blocks(reports: list[dict]) -> list[tuple]:
     title = f"Metatoken report: `{label(reports[0])}`" if len(reports) == 1 else f"Metatoken report: {len(reports)} evaluations"
-    out: list[tuple] = [("h1", title), ("table", TABLE_HEADERS, [table_row(r) for r in reports])]
-    out.append((
+    return [("h1", title), ("table", TABLE_HEADERS, [table_row(r) for r in reports]), (
         "p",
         "KL in nats per token, teacher-forced on the teacher's held-out answers. **effect** = KL(teacher with prompt "
         "|| base model without prompt); **residual** = KL(teacher with prompt || student with the tag); "
@@ -244,18 +234,27 @@ def blocks(reports: list[dict], figures: dict[str, Path]) -> list[tuple]:
         "**prompt tokens saved** per call. **recovery, untrained tag**: the same for the freshly added tag; "
         "**on training inputs**: the trained tag on inputs it was trained on (fit, beside the held-out generalisation). "
         f"Intervals: 95% bootstrap over the inputs ({_resamples(reports)} resamples, each recomputing the token-weighted ratio).",
-    ))
+    )]
+
+
+def probe_blocks(reports: list[dict]) -> list[tuple]:
     probes = [row for r in reports for row in probe_rows(r)]
-    if probes:
-        out.append(("h2", "Behaviour probes"))
-        out.append(("table", PROBE_HEADERS, probes))
-        out.append(("p", "Each probe counts one visible trait of the prompt in sampled answers to the held-out inputs "
-                         "(the base model without prompt, the teacher with it, the student with the tag; same sampling "
-                         "settings). **retention** = (student - base) / (teacher - base): 1 = as much as the teacher, "
-                         "0 = no more than the base model, above 1 = more than the teacher (a caricature)."))
-        patterns = {p["tag"]: p["pattern"] for r in reports for s in r.get("sets", []) for p in s.get("probes", []) if p.get("pattern")}
-        if patterns:
-            out.append(("p", "Patterns (case-insensitive): " + "; ".join(f"`{t}` `{pat}`" for t, pat in patterns.items()) + "."))
+    if not probes:
+        return []
+    out = [("h2", "Behaviour probes"), ("table", PROBE_HEADERS, probes)]
+    out.append(("p", "Each probe counts one visible trait of the prompt in sampled answers to the held-out inputs "
+                     "(the base model without prompt, the teacher with it, the student with the tag; same sampling "
+                     "settings). **retention** = (student - base) / (teacher - base): 1 = as much as the teacher, "
+                     "0 = no more than the base model, above 1 = more than the teacher (a caricature)."))
+    patterns = {p["tag"]: p["pattern"] for r in reports for s in r.get("sets", []) for p in s.get("probes", []) if p.get("pattern")}
+    if patterns:
+        out.append(("p", "Patterns (case-insensitive): " + "; ".join(f"`{t}` `{pat}`" for t, pat in patterns.items()) + "."))
+    return out
+
+
+def set_blocks(reports: list[dict]) -> list[tuple]:
+    """Every tag set of a remix run (trained together or not), and a pretrain run's plain-text drift."""
+    out = []
     for r in reports:
         if len(r.get("sets", [])) > 1:  # a remix run: every tag set, trained together or not
             out.append(("h2", f"Every tag set evaluated (`{label(r)}`)"))
@@ -275,29 +274,46 @@ def blocks(reports: list[dict], figures: dict[str, Path]) -> list[tuple]:
                 f"trained on): drift KL(base || student) **{m['plain_drift_kl']:.4f}** nats/token; NLL base "
                 f"{m['plain_nll_base']:.4f} -> student {m['plain_nll_student']:.4f} nats/token.",
             ))
+    return out
+
+
+def detail_blocks(r: dict, several: bool) -> list[tuple]:
+    """One evaluation's settings, context sizes and side-by-side samples."""
+    m, train = r["metrics"], r.get("train", {})
+    out = [("h2", f"`{label(r)}`" if several else "Details")]
+    out.append((
+        "p",
+        f"Model `{r['model']}`, {r['heldout_examples']} held-out inputs, {r['scored_tokens']} scored tokens. "
+        f"Training: {'continued pretraining (LM loss on packed tagged + plain documents)' if train.get('mode') == 'pretrain' else 'objective `' + str(train.get('objective')) + '`'}, params `{train.get('params')}`, "
+        f"epochs {train.get('epochs')}, max_steps {train.get('max_steps')}, lr {train.get('lr')}, "
+        f"embedding_lr {train.get('embedding_lr')}. Context per call: teacher "
+        f"{m['teacher_context_tokens']:.0f} tokens on average, student {m['student_context_tokens']:.0f}. "
+        f"{_fit_and_drift(m)}Folder: `{_relative(r.get('output', r['folder']))}`.",
+    ))
+    out.append(("h3", "Samples (held-out inputs)"))
+    for s in r["samples"]:
+        out.append(("sample", s["input"], [
+            ("base, no prompt", s["base"]),
+            ("teacher, full prompt", s["teacher"]),
+            (f"student, `{''.join(s.get('tags', [])) or label(r)}`", s["student"]),
+        ]))
+    return out
+
+
+def blocks(reports: list[dict], figures: dict[str, Path]) -> list[tuple]:
+    """The report as a list of blocks that both the Markdown and the HTML writers render.
+
+    Block kinds: ("h1"|"h2"|"h3"|"p", text with **bold** and `code`), ("table", headers, rows),
+    ("img", title, caption, path relative to the report), ("sample", input, [(heading, text), ...])
+    where headings may hold `code` and texts are shown verbatim.
+    """
+    out = headline_blocks(reports) + probe_blocks(reports) + set_blocks(reports)
     out.append(("h2", "Plots"))
     out += [("img", *FIGURES[stem], f"{PLOTS}/{path.name}") for stem, path in figures.items()]
     if "loss" not in figures:
         out.append(("p", "No training loss curve: the train folder's `train_log.json` was not found."))
     for r in reports:
-        m, train = r["metrics"], r.get("train", {})
-        out.append(("h2", f"`{label(r)}`" if len(reports) > 1 else "Details"))
-        out.append((
-            "p",
-            f"Model `{r['model']}`, {r['heldout_examples']} held-out inputs, {r['scored_tokens']} scored tokens. "
-            f"Training: {'continued pretraining (LM loss on packed tagged + plain documents)' if train.get('mode') == 'pretrain' else 'objective `' + str(train.get('objective')) + '`'}, params `{train.get('params')}`, "
-            f"epochs {train.get('epochs')}, max_steps {train.get('max_steps')}, lr {train.get('lr')}, "
-            f"embedding_lr {train.get('embedding_lr')}. Context per call: teacher "
-            f"{m['teacher_context_tokens']:.0f} tokens on average, student {m['student_context_tokens']:.0f}. "
-            f"{_fit_and_drift(m)}Folder: `{_relative(r.get('output', r['folder']))}`.",
-        ))
-        out.append(("h3", "Samples (held-out inputs)"))
-        for s in r["samples"]:
-            out.append(("sample", s["input"], [
-                ("base, no prompt", s["base"]),
-                ("teacher, full prompt", s["teacher"]),
-                (f"student, `{''.join(s.get('tags', [])) or label(r)}`", s["student"]),
-            ]))
+        out += detail_blocks(r, len(reports) > 1)
     return out
 
 
@@ -320,8 +336,6 @@ def _fit_and_drift(m: dict) -> str:
 
 def _relative(path: str) -> str:
     """A path inside the checkout as the user types it (outputs/...), others unchanged."""
-    from pipeline.config import PROJECT_ROOT
-
     try:
         return str(Path(path).resolve().relative_to(PROJECT_ROOT))
     except ValueError:
@@ -409,12 +423,6 @@ def to_html(doc: list[tuple], base_dir: Path) -> str:
     return "\n".join(parts) + "\n"
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def render(report_dirs: str | Path | list, out_dir: str | Path | None = None) -> dict[str, Path]:
     """Render report.md, report.html and plots/*.png for one or more evaluate folders.
 
@@ -435,66 +443,6 @@ def render(report_dirs: str | Path | list, out_dir: str | Path | None = None) ->
     reports = [load(d) for d in dirs]
     figures = make_plots(reports, out_dir)
     doc = blocks(reports, figures)
-    _write(out_dir / "report.md", to_markdown(doc))
-    _write(out_dir / "report.html", to_html(doc, out_dir))
+    write_text(out_dir / "report.md", to_markdown(doc))
+    write_text(out_dir / "report.html", to_html(doc, out_dir))
     return {"report.md": out_dir / "report.md", "report.html": out_dir / "report.html", **figures}
-
-
-def log_to_wandb(report_dir: str | Path, logger_cfg) -> None:
-    """The report's figures, a samples table and the metrics, to a wandb run (offline unless told otherwise).
-
-    Optional by design: a failure here (no network in online mode, a broken install) is a warning,
-    never a lost evaluation; the files on disk are the report.
-    """
-    report_dir = Path(report_dir)
-    try:
-        import wandb
-
-        report = load(report_dir)
-        run = wandb.init(
-            project=logger_cfg.project,
-            name=f"evaluate-{report_dir.name}",
-            job_type="evaluate",
-            mode=os.environ.get("WANDB_MODE", logger_cfg.wandb_mode),
-            dir=str(report_dir.parents[1]),  # outputs/wandb, beside the stage folders
-            config={"tag": label(report), "model": report["model"], "train": report.get("train", {})},
-            reinit="finish_previous",
-        )
-        table = wandb.Table(columns=["input", "base, no prompt", "teacher, full prompt", f"student, {label(report)}"])
-        for s in report["samples"]:
-            table.add_data(s["input"], s["base"], s["teacher"], s["student"])
-        images = {f"report/{p.stem}": wandb.Image(str(p), caption=FIGURES.get(p.stem, ("",))[0])
-                  for p in sorted((report_dir / PLOTS).glob("*.png"))}
-        run.log({**images, "report/samples": table})
-        run.summary.update({f"eval/{k}": v for k, v in report["metrics"].items()})
-        run.finish()
-    except Exception as err:  # noqa: BLE001 - tracking must never cost the evaluation
-        log.warning("wandb: could not log the report (%s); the report files in %s are complete", err, report_dir)
-
-
-def finished_evaluations(outputs_dir: str | Path) -> list[Path]:
-    """Every complete evaluate folder, oldest first."""
-    from pipeline.runtime.outputs import MANIFEST
-
-    found = [d for d in (Path(outputs_dir) / "evaluate").glob("*") if (d / MANIFEST).is_file() and (d / "report.json").is_file()]
-    return sorted(found, key=lambda d: (d / MANIFEST).stat().st_mtime)
-
-
-def main(argv: list[str] | None = None) -> None:
-    from pipeline.config import PROJECT_ROOT
-
-    parser = argparse.ArgumentParser(prog="python -m pipeline.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("folders", nargs="*", help="evaluate output folders (default: every finished one)")
-    parser.add_argument("--outputs", default=str(PROJECT_ROOT / "outputs"), help="the pipeline's outputs folder")
-    parser.add_argument("--out", help="where to write (default: the folder itself for one, else <outputs>/report)")
-    args = parser.parse_args(argv)
-    folders = args.folders or finished_evaluations(args.outputs)
-    if not folders:
-        parser.error(f"no finished evaluations under {args.outputs}/evaluate. Fix: run `python -m pipeline stage=all` first.")
-    out = args.out or (folders[0] if len(folders) == 1 else Path(args.outputs) / "report")
-    written = render(folders, out)
-    print(f"report: {len(folders)} evaluation(s) -> {written['report.html']} (and report.md, {len(written) - 2} plot(s))")
-
-
-if __name__ == "__main__":
-    main()

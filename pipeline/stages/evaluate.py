@@ -16,122 +16,40 @@ baseline, so the report shows what training added.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from datasets import load_from_disk
+
 from pipeline.core import card
-from pipeline.runtime import outputs, report as reports
-from pipeline.stages import extend, generate, train
-from pipeline.core.data import gather_positions, pad_examples
-from pipeline.core.formats import context_ids
 from pipeline.core.catalog import tags_of
-from pipeline.core.losses import bootstrap_interval, full_kl, pooled_mean, pooled_recovery, position_means, recovery, suppress
-from pipeline.core.probes import probe_report
-from pipeline.runtime.progress import tqdm  # bars only when someone watches (progress=...)
-from pipeline.core.job import Job, job_from_config
-from pipeline.errors import ConfigError
+from pipeline.core.formats import context_ids
+from pipeline.core.job import Job, student_context
+from pipeline.core.losses import (
+    bootstrap_interval,
+    pooled_mean,
+    pooled_recovery,
+    position_means,
+    recovery,
+    token_cross_entropy,
+)
 from pipeline.core.models import load_model, load_tokenizer, resolve_model_path
+from pipeline.core.pretrain_data import plain_texts
+from pipeline.core.probes import probe_report
+from pipeline.core.sampling import sample_answers, sample_student
+from pipeline.core.scoring import continuation_logits, mean_kl, token_kls
+from pipeline.errors import ConfigError
+from pipeline.runtime import outputs, tracking
+from pipeline.runtime import report as reports
+from pipeline.stages.paths import StagePaths
 
 log = logging.getLogger(__name__)
-LATER_DEFAULTS = {"train_examples": 32, "resamples": 1000}  # fields added after evaluations were cached
-
-
-def stage_key(cfg, job: Job) -> dict:
-    key = {"train": outputs.key_hash(train.stage_key(cfg, job)), "evaluate": evaluate_key(cfg.evaluate)}
-    if cfg.generate.teacher_mode == "bootstrap":  # scored on the reference teacher's samples (not the bootstrap model's)
-        key["heldout_teacher"] = generate.REFERENCE
-    probes = {t: vars(m.probe) for t, m in job.metatokens.items() if m.probe}
-    if probes:  # an edited probe is a new evaluation, never the old counts reused
-        key["probes"] = probes
-    return key
-
-
-def evaluate_key(eval_cfg) -> dict:
-    """The evaluate config, without the fields added later while they hold their defaults (old keys stay)."""
-    key = outputs.plain(eval_cfg)
-    for name, default in LATER_DEFAULTS.items():
-        if key.get(name) == default:
-            key.pop(name)
-    return key
-
-
-def output_dir(cfg, job: Job) -> Path:
-    return outputs.stage_dir(cfg.paths.outputs, "evaluate", job.label, stage_key(cfg, job))
-
-
-@torch.no_grad()
-def continuation_logits(
-    model, contexts, continuations, pad_id, batch_size: int, desc: str, tag_ids: list[int] = ()
-) -> list[torch.Tensor]:
-    """Logits [T_i, V] that predict each continuation token after its context, teacher-forced.
-
-    Tags are suppressed, as the saved model's generation config does when it samples.
-    """
-    result = []
-    for start in tqdm(range(0, len(contexts), batch_size), desc=desc, unit="batch", leave=False):
-        batch = pad_examples(contexts[start : start + batch_size], continuations[start : start + batch_size], pad_id)
-        logits = model(
-            input_ids=batch["input_ids"].to(model.device), attention_mask=batch["attention_mask"].to(model.device)
-        ).logits
-        picked = suppress(gather_positions(logits, batch["output_positions"].to(model.device)), list(tag_ids))
-        picked = picked.float().cpu()
-        result.extend(picked[b, : int(batch["output_mask"][b].sum())] for b in range(picked.shape[0]))
-    return result
-
-
-def token_kls(p_logits: list[torch.Tensor], q_logits: list[torch.Tensor]) -> list[torch.Tensor]:
-    """KL(p || q) at every continuation position, one tensor per example."""
-    return [full_kl(p, q) for p, q in zip(p_logits, q_logits)]
-
-
-def mean_kl(p_logits: list[torch.Tensor], q_logits: list[torch.Tensor]) -> float:
-    """Token-weighted mean of KL(p || q) over all continuation positions."""
-    return torch.cat(token_kls(p_logits, q_logits)).mean().item()
 
 
 def tagged_contexts(job: Job, tok, rows, chat) -> list[list[int]]:
     """Student contexts: the record's tags side by side (in the job's order), then its input."""
-    return [context_ids(tok, r["input"], job.student_tags(tuple(r["tags"])), chat) for r in rows]
-
-
-@torch.no_grad()
-def sample_student(student, tok, contexts, gen_cfg, eval_cfg) -> list[str]:
-    """The student's own answers with the tags (its generation config suppresses tags: it never writes one)."""
-    texts = []
-    for context in contexts:
-        ids = torch.tensor([context], device=student.device)
-        torch.manual_seed(eval_cfg.seed)
-        out = student.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=True,
-            temperature=gen_cfg.temperature,
-            top_p=gen_cfg.top_p,
-            top_k=0,
-            max_new_tokens=eval_cfg.sample_max_new_tokens,
-            pad_token_id=tok.pad_token_id,
-        )
-        texts.append(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
-    return texts
-
-
-@torch.no_grad()
-def sample_answers(model, tok, contexts, gen_cfg, tag_ids: list[int]) -> tuple[list[str], list[list[int]]]:
-    """The model's answers with generate's sampling settings (temperature, top-p, length, per-batch seeds),
-    so a probe compares it with the teacher's and the base model's answers like for like; tags are never sampled.
-
-    Returns (decoded answers, their token ids), in the order of `contexts`.
-    """
-    order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))  # longest first, as generate batches
-    ids: list = [None] * len(contexts)
-    for start in tqdm(range(0, len(order), gen_cfg.batch_size), desc="student answers", unit="batch", leave=False):
-        chunk = order[start : start + gen_cfg.batch_size]
-        seed = gen_cfg.seed * 1_000_003 + chunk[0]
-        sampled = generate.sample_with_logprobs(model, tok, [contexts[i] for i in chunk], gen_cfg, seed, suppress_ids=tag_ids)
-        for i, record in zip(chunk, sampled):
-            ids[i] = record["output_ids"]
-    return [tok.decode(i, skip_special_tokens=True) for i in ids], ids
+    return [student_context(job, r, tok, chat) for r in rows]
 
 
 def kl_figures(effect_tokens, residual_tokens, eval_cfg, prefix: str = "") -> dict:
@@ -281,59 +199,46 @@ def load_scored_model(path: Path, job: Job, cfg):
     return tok, load_model(str(path), cfg.model.dtype, cfg.model.device)
 
 
-def run(cfg) -> Path:
-    job = job_from_config(cfg)
-    out_dir = output_dir(cfg, job)
-    if outputs.already_done(out_dir, cfg.force, "evaluate"):
-        print((out_dir / "report.md").read_text())
-        return out_dir
-    gen_dir, ext_dir, train_dir = generate.output_dir(cfg, job), extend.output_dir(cfg, job), train.output_dir(cfg, job)
-    outputs.require({"generate": gen_dir, "extend": ext_dir, "train": train_dir}, by="evaluate")
-    heldout, trained = load_rows(cfg, job, gen_dir)
-    chat, bs, eval_cfg = cfg.model.chat, cfg.evaluate.batch_size, cfg.evaluate
+@dataclass
+class BaseScores:
+    """What the base model gives every later score: the reference teacher's logits, and its own untagged answers."""
+
+    ref: dict  # "heldout" / "train" -> set -> reference_scores
+    drift_rows: list  # held-out rows of the first set that have a base answer
+    base_on_base: list | None  # the base model's logits on its own untagged answers (None: no base answers)
+
+
+def score_base(cfg, job: Job, heldout: dict, trained: dict) -> BaseScores:
     base_path = resolve_model_path(cfg.model)
     base_tok = load_tokenizer(base_path)
     base = load_model(base_path, cfg.model.dtype, cfg.model.device)
     ref = {"heldout": reference_scores(base, base_tok, job, heldout, cfg, "heldout"), "train": reference_scores(base, base_tok, job, trained, cfg, "train")}
-    first = job.eval_sets[0]
-    per_position = {}  # mean KL at each continuation position, for the first set (the report's KL plot)
-    per_position["effect_kl"], per_position["count"] = position_means(ref["heldout"][first]["effect_tokens"])
-    drift_rows = [r for r in heldout[first] if r["base_output_ids"]]
+    drift_rows = [r for r in heldout[job.eval_sets[0]] if r["base_output_ids"]]
+    base_plain = [context_ids(base_tok, r["input"], None, cfg.model.chat) for r in drift_rows]
     drift_outs = [r["base_output_ids"] for r in drift_rows]
-    base_plain = [context_ids(base_tok, r["input"], None, chat) for r in drift_rows]
-    base_on_base = continuation_logits(base, base_plain, drift_outs, base_tok.pad_token_id, bs, "base untagged") if drift_rows else None
-    del base
+    base_on_base = continuation_logits(base, base_plain, drift_outs, base_tok.pad_token_id, cfg.evaluate.batch_size, "base untagged") if drift_rows else None
+    return BaseScores(ref, drift_rows, base_on_base)
 
-    # Every tag the student holds is suppressed (a bootstrapped student's inner tags too), as when it samples.
-    tag_ids = sorted(load_tokenizer(str(train_dir)).convert_tokens_to_ids(t) for t in tags_of(train_dir))
-    drift = {}
 
-    def untagged_drift(model, tok, prefix: str) -> dict:  # KL(base || model) on the base model's own untagged answers
-        if base_on_base is None:
-            return {}
-        plain = [context_ids(tok, r["input"], None, chat) for r in drift_rows]
-        logits = continuation_logits(model, plain, drift_outs, tok.pad_token_id, bs, f"{'init' if prefix else 'student'} untagged", tag_ids)
-        return drift_figures(base_on_base, logits, eval_cfg, prefix)
+def untagged_drift(model, tok, base: BaseScores, cfg, tag_ids: list[int], prefix: str) -> dict:
+    """KL(base || model) on the base model's own untagged answers."""
+    if base.base_on_base is None:
+        return {}
+    plain = [context_ids(tok, r["input"], None, cfg.model.chat) for r in base.drift_rows]
+    outs = [r["base_output_ids"] for r in base.drift_rows]
+    name = f"{'init' if prefix else 'student'} untagged"
+    logits = continuation_logits(model, plain, outs, tok.pad_token_id, cfg.evaluate.batch_size, name, tag_ids)
+    return drift_figures(base.base_on_base, logits, cfg.evaluate, prefix)
 
-    tok, model = load_scored_model(ext_dir, job, cfg)  # the untrained tag: what training added
-    init, init_tokens = score_untrained(model, tok, job, cfg, heldout, ref, tag_ids)
-    per_position["init_residual_kl"] = position_means(init_tokens[first])[0]
-    drift.update(untagged_drift(model, tok, "init_"))
-    del model
-    tok, model = load_scored_model(train_dir, job, cfg)
-    scores, samples, residual_tokens = score_student(model, tok, job, cfg, heldout, trained, ref, tag_ids)
-    per_position["residual_kl"] = position_means(residual_tokens["heldout"][first])[0]
-    drift.update(untagged_drift(model, tok, ""))
-    del model
 
-    if cfg.train.mode == "pretrain":  # drift on held-out plain text, the pretrain mixture's other half
-        from pipeline.stages.pretrain import plain_text_scores
-
-        drift.update(plain_text_scores(cfg, base_path, train_dir, tag_ids))
+def build_report(cfg, job: Job, paths: StagePaths, heldout, trained, scored: dict) -> dict:
+    """report.json: the headline metrics (one set's, or pooled over several), every set, drift, samples, plot data."""
+    first, eval_cfg, ref = job.eval_sets[0], cfg.evaluate, scored["ref"]
     effect = {s: torch.cat(ref["heldout"][s]["effect_tokens"]).mean().item() for s in job.eval_sets}
-    scores = {s: {"effect_kl": effect[s], **init[s], **scores[s]} for s in job.eval_sets}
+    scores = {s: {"effect_kl": effect[s], **scored["init"][s], **scored["scores"][s]} for s in job.eval_sets}
     sets = [{"tags": list(s), "in_training": job.in_training(s), "heldout_examples": len(heldout[s]), **scores[s]} for s in job.eval_sets]
-    report = {
+    pooled = pooled_headline(heldout, trained, ref, scored["residual_tokens"], scored["init_tokens"], scores, eval_cfg) if len(sets) > 1 else {}
+    return {
         "tag": job.student_tags(first),
         "tags": job.tags,
         "model": cfg.model.name,
@@ -341,23 +246,82 @@ def run(cfg) -> Path:
         "scored_tokens": sum(len(r["output_ids"]) for r in heldout[first]),
         "train": {k: cfg.train[k] for k in ("mode", "objective", "params", "teacher", "epochs", "max_steps", "lr", "embedding_lr")},
         # the headline: a plain run's one set; with several sets, token-weighted over all of them (each is in `sets`)
-        "metrics": {**(scores[first] if len(sets) == 1 else pooled_headline(heldout, trained, ref, residual_tokens, init_tokens, scores, eval_cfg)), **drift},
+        "metrics": {**(scores[first] if len(sets) == 1 else pooled), **scored["drift"]},
         "sets": sets,
         "intervals": {"level": 0.95, "over": "inputs", "resamples": eval_cfg.resamples, "seed": eval_cfg.seed},
-        "drift": drift,
-        "samples": samples,
-        "per_position": per_position,
-        "output": str(out_dir),
-        "inputs": {"generate": str(gen_dir), "extend": str(ext_dir), "train": str(train_dir)},
+        "drift": scored["drift"],
+        "samples": scored["samples"],
+        "per_position": scored["per_position"],
+        "output": str(paths["evaluate"]),
+        "inputs": {"generate": str(paths["generate"]), "extend": str(paths["extend"]), "train": str(paths["train"])},
     }
-    with outputs.atomic_stage_dir(out_dir, "evaluate", stage_key(cfg, job), config=cfg) as (work, manifest):
+
+
+def score_all(cfg, job: Job, paths: StagePaths, heldout: dict, trained: dict) -> dict:
+    """Base, untrained (extended) and trained models, one after another (one model in memory at a time)."""
+    first, train_dir = job.eval_sets[0], paths["train"]
+    base = score_base(cfg, job, heldout, trained)
+    per_position = {}  # mean KL at each continuation position, for the first set (the report's KL plot)
+    per_position["effect_kl"], per_position["count"] = position_means(base.ref["heldout"][first]["effect_tokens"])
+    # Every tag the student holds is suppressed (a bootstrapped student's inner tags too), as when it samples.
+    tag_ids = sorted(load_tokenizer(str(train_dir)).convert_tokens_to_ids(t) for t in tags_of(train_dir))
+    tok, model = load_scored_model(paths["extend"], job, cfg)  # the untrained tag: what training added
+    init, init_tokens = score_untrained(model, tok, job, cfg, heldout, base.ref, tag_ids)
+    per_position["init_residual_kl"] = position_means(init_tokens[first])[0]
+    drift = untagged_drift(model, tok, base, cfg, tag_ids, "init_")
+    del model
+    tok, model = load_scored_model(train_dir, job, cfg)
+    scores, samples, residual_tokens = score_student(model, tok, job, cfg, heldout, trained, base.ref, tag_ids)
+    per_position["residual_kl"] = position_means(residual_tokens["heldout"][first])[0]
+    drift.update(untagged_drift(model, tok, base, cfg, tag_ids, ""))
+    del model
+    if cfg.train.mode == "pretrain":  # drift on held-out plain text, the pretrain mixture's other half
+        drift.update(plain_text_scores(cfg, resolve_model_path(cfg.model), train_dir, tag_ids))
+    return {"ref": base.ref, "init": init, "init_tokens": init_tokens, "scores": scores, "samples": samples,
+            "residual_tokens": residual_tokens, "per_position": per_position, "drift": drift}
+
+
+def run(cfg, job: Job, paths: StagePaths) -> Path:
+    out_dir, train_dir = paths["evaluate"], paths["train"]
+    outputs.require({"generate": paths["generate"], "extend": paths["extend"], "train": train_dir}, by="evaluate")
+    heldout, trained = load_rows(cfg, job, paths["generate"])
+    report = build_report(cfg, job, paths, heldout, trained, score_all(cfg, job, paths, heldout, trained))
+    with outputs.atomic_stage_dir(out_dir, "evaluate", paths.key("evaluate"), config=cfg) as (work, manifest):
         outputs.write_json(work / "report.json", report)
         reports.render(work)  # report.md, report.html, plots/
-        manifest.update(metrics=report["metrics"], sets=sets)
+        manifest.update(metrics=report["metrics"], sets=report["sets"])
     card.refresh(train_dir, report, cfg, job)  # the train folder's model card gets recovery and drift
     if cfg.logger.report_to == "wandb":
-        reports.log_to_wandb(out_dir, cfg.logger)
+        tracking.log_report(out_dir, cfg.logger)
     print((out_dir / "report.md").read_text())
+    sets, drift = report["sets"], report["drift"]
     each = "" if len(sets) == 1 else " (" + ", ".join(f"{''.join(x['tags'])} {x['recovery']:.3f}" for x in sets) + ")"
     log.info("evaluate: recovery %.3f%s, drift %.5f -> %s", report["metrics"]["recovery"], each, drift.get("drift_kl", float("nan")), out_dir)
     return out_dir
+
+
+@torch.no_grad()
+def plain_text_scores(cfg, base_path: str, student_dir: Path, tag_ids: list[int]) -> dict:
+    """Drift on held-out plain text: KL(base || student) per token, and both models' per-token NLL.
+
+    Teacher-forced on the held-out plain documents themselves (untagged), each cut to one block.
+    """
+    p, bs = cfg.train.pretrain, cfg.evaluate.batch_size
+    tok = load_tokenizer(str(student_dir))
+    docs = [tok(t, add_special_tokens=True, split_special_tokens=True)["input_ids"][: p.block_size] for t in plain_texts(p.plain, "heldout")]
+    docs = [d for d in docs if len(d) > 1]
+    contexts, rest = [d[:1] for d in docs], [d[1:] for d in docs]
+    scores = {}
+    for name, path, tags in (("base", base_path, []), ("student", str(student_dir), tag_ids)):
+        model = load_model(path, cfg.model.dtype, cfg.model.device)
+        logits = continuation_logits(model, contexts, rest, tok.pad_token_id, bs, f"{name} plain", tags)
+        scores[name] = logits
+        nll = sum(token_cross_entropy(l, torch.tensor(r)).sum().item() for l, r in zip(logits, rest))
+        scores[f"plain_nll_{name}"] = nll / sum(map(len, rest))
+        del model
+    return {
+        "plain_drift_kl": mean_kl(scores.pop("base"), scores.pop("student")),
+        **scores,
+        "plain_heldout_docs": len(docs),
+        "plain_tokens": sum(map(len, rest)),
+    }

@@ -19,27 +19,15 @@ from pathlib import Path
 import torch
 from tokenizers import AddedToken
 
-from pipeline.runtime import outputs
-from pipeline.core.job import Job, job_from_config
-from pipeline.errors import ConfigError
+from pipeline.core.job import Job
 from pipeline.core.metatokens import Metatoken
 from pipeline.core.models import load_model, load_tokenizer, start_model_path
+from pipeline.errors import ConfigError
+from pipeline.runtime import outputs
+from pipeline.stages.paths import StagePaths
 
 log = logging.getLogger(__name__)
 INIT_RULES = ("name_mean", "prompt_mean", "vocab_mean", "random")
-
-
-def stage_key(cfg, job: Job) -> dict:
-    return {
-        "model": outputs.model_key(cfg.model),
-        "tags": {m.tag: m.prompt_sha for m in job.metatokens.values()},
-        "extend": outputs.plain(cfg.extend),
-        "start": outputs.model_key(cfg.model) if cfg.generate.teacher_mode == "expand" else outputs.bootstrap_key(cfg.generate),
-    }
-
-
-def output_dir(cfg, job: Job) -> Path:
-    return outputs.stage_dir(cfg.paths.outputs, "extend", job.label, stage_key(cfg, job))
 
 
 def add_tag_tokens(tokenizer, tags: list[str]) -> dict[str, int]:
@@ -108,19 +96,16 @@ def extend_model(model, tokenizer, metatokens: list[Metatoken], rule: str) -> di
     return ids
 
 
-def run(cfg) -> Path:
-    job = job_from_config(cfg)
+def run(cfg, job: Job, paths: StagePaths) -> Path:
     metatokens = list(job.metatokens.values())
-    out_dir = output_dir(cfg, job)
-    if outputs.already_done(out_dir, cfg.force, "extend"):
-        return out_dir
+    out_dir = paths["extend"]
     if cfg.extend.init not in INIT_RULES:
         raise ConfigError(f"extend.init is {cfg.extend.init!r}. Fix: use one of {', '.join(INIT_RULES)}.")
     model_path = start_model_path(cfg)
     tokenizer = load_tokenizer(model_path)
     model = load_model(model_path, cfg.model.dtype, "cpu")
     ids = extend_model(model, tokenizer, metatokens, cfg.extend.init)
-    with outputs.atomic_stage_dir(out_dir, "extend", stage_key(cfg, job), config=cfg) as (work, manifest):
+    with outputs.atomic_stage_dir(out_dir, "extend", paths.key("extend"), config=cfg) as (work, manifest):
         model.save_pretrained(work)
         tokenizer.save_pretrained(work)
         manifest.update(model_path=model_path, tag_ids=ids, vocab_size=len(tokenizer))

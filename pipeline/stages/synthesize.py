@@ -23,11 +23,14 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
-from pipeline.runtime import outputs
+from pipeline.core import models  # models.load_model at call time: the tests' no-weights guard replaces it there
 from pipeline.core.data import is_heldout, load_inputs
 from pipeline.core.formats import context_ids
-from pipeline.core.job import Job, job_from_config
+from pipeline.core.job import Job
+from pipeline.core.sampling import sample_all
 from pipeline.errors import ConfigError
+from pipeline.runtime import outputs
+from pipeline.stages.paths import StagePaths
 
 log = logging.getLogger(__name__)
 FILE = "inputs.jsonl"
@@ -39,20 +42,6 @@ HEADER = "A list of messages that people sent to an AI assistant, on many differ
 TAG_HEADER = "A list of messages that people sent to an AI assistant that {description}.\n\n"
 EXAMPLES_PER_SEED = 5
 _LEAD_IN = re.compile(r"^(sure|here|okay|ok|certainly|of course)\b[^:\n]*:\s*", re.IGNORECASE)
-
-
-def stage_key(cfg, job: Job) -> dict:
-    return {
-        "model": outputs.model_key(cfg.model),
-        "description": cfg.metatoken.description,  # heads a share of the seed lists
-        "inputs_file": outputs.file_sha(cfg.inputs.file),  # examples and duplicates come from the shipped rows
-        "heldout_fraction": cfg.inputs.heldout_fraction,  # which shipped rows may be shown as examples
-        "synthetic": outputs.plain(cfg.inputs.synthetic),
-    }
-
-
-def output_dir(cfg, job: Job) -> Path:
-    return outputs.stage_dir(cfg.paths.outputs, "synthesize", job.label, stage_key(cfg, job))
 
 
 def seeds(descriptions: list[str], examples: list[str], count: int, tag_share: float, seed: int) -> list[str]:
@@ -137,8 +126,6 @@ def check_config(syn_cfg) -> None:
 def write_requests(model, tokenizer, job: Job, cfg, work: Path) -> tuple[list[dict], int]:
     """Sample rounds of requests until `count` unique ones are kept (each round's answers are a shard,
     so a killed run resumes); returns the rows and how many answers were sampled."""
-    from pipeline.stages.generate import sample_all
-
     syn = cfg.inputs.synthetic
     # The sampler's settings: the HF sampler with the shared-prefix cache (the seeds share the system message).
     sampling = SimpleNamespace(
@@ -171,22 +158,17 @@ def write_requests(model, tokenizer, job: Job, cfg, work: Path) -> tuple[list[di
     return [{"id": f"syn-{i:05d}", "text": t} for i, t in enumerate(kept)], sampled
 
 
-def run(cfg) -> Path | None:
+def run(cfg, job: Job, paths: StagePaths) -> Path | None:
     """Write `inputs.synthetic.count` requests (nothing to do when it is 0)."""
     if cfg.inputs.synthetic.count == 0:
         log.info("synthesize: inputs.synthetic.count=0, nothing to do")
         return None
-    from pipeline.core.models import load_model, load_tokenizer, start_model_path
-
     check_config(cfg.inputs.synthetic)
-    job = job_from_config(cfg)
-    out_dir = output_dir(cfg, job)
-    if outputs.already_done(out_dir, cfg.force, "synthesize"):
-        return out_dir
-    model_path = start_model_path(cfg)
-    tokenizer = load_tokenizer(model_path)
-    model = load_model(model_path, cfg.model.dtype, cfg.model.device)
-    with outputs.atomic_stage_dir(out_dir, "synthesize", stage_key(cfg, job), keep_partial=True, config=cfg) as (work, manifest):
+    out_dir = paths["synthesize"]
+    model_path = models.start_model_path(cfg)
+    tokenizer = models.load_tokenizer(model_path)
+    model = models.load_model(model_path, cfg.model.dtype, cfg.model.device)
+    with outputs.atomic_stage_dir(out_dir, "synthesize", paths.key("synthesize"), keep_partial=True, config=cfg) as (work, manifest):
         rows, sampled = write_requests(model, tokenizer, job, cfg, work)
         (work / FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
         for shards in work.glob("round-*"):  # the file holds every kept request
@@ -196,10 +178,9 @@ def run(cfg) -> Path | None:
     return out_dir
 
 
-def synthetic_rows(cfg, job: Job) -> list[dict]:
+def synthetic_rows(cfg, paths: StagePaths) -> list[dict]:
     """The synthesized training rows for this config ([] when off); generate adds them to its train split."""
     if cfg.inputs.synthetic.count == 0:
         return []
-    out_dir = output_dir(cfg, job)
-    outputs.require({"synthesize": out_dir}, by="generate")
-    return load_inputs(out_dir / FILE)
+    outputs.require({"synthesize": paths["synthesize"]}, by="generate")
+    return load_inputs(paths["synthesize"] / FILE)

@@ -1,0 +1,168 @@
+"""The pretrain mode end to end on the tiny model used as a base LM, resume, and its config errors."""
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pipeline.__main__ import run_stages
+from pipeline.config import PROJECT_ROOT
+from pipeline.core import trainer
+from pipeline.core.job import job_from_config
+from pipeline.errors import ConfigError
+from pipeline.stages import paths, train
+from tests.conftest import run_recipe
+
+CORPUS = PROJECT_ROOT / "data" / "corpus" / "plain.jsonl"
+
+
+@pytest.fixture(scope="module")
+def shared_outputs(tmp_path_factory):
+    """One outputs folder for the module: the tests share the (identical) generate and extend stages."""
+    return tmp_path_factory.mktemp("pretrain-outputs")
+
+
+@pytest.fixture()
+def pretrain_cfg(tiny_cfg, shared_outputs):
+    def make(*extra):
+        return tiny_cfg(
+            f"paths.outputs={shared_outputs}",
+            "inputs.max_train=8",
+            "model.chat=false",
+            "train.mode=pretrain",
+            f"train.pretrain.plain.data_files={CORPUS}",
+            "train.pretrain.block_size=64",
+            "train.pretrain.plain.heldout_docs=4",
+            "train.max_steps=4",
+            "train.batch_size=2",
+            "train.embedding_lr=0.05",
+            *extra,
+        )
+
+    return make
+
+
+def test_pretrain_chain_on_a_base_model_reports_recovery_and_plain_drift(pretrain_cfg):
+    cfg = pretrain_cfg("train.pretrain.tag_dropout=0.2", "train.pretrain.tag_position=random")
+    run_stages(cfg)
+    job = job_from_config(cfg)
+    m = json.loads((paths.output_dir("evaluate", cfg, job) / "report.json").read_text())["metrics"]
+    out = paths.output_dir("train", cfg, job)
+    expected = plain_text_reference(cfg.model.path, out, block_size=64, heldout_docs=4)
+    assert m["plain_heldout_docs"] == 4 and m["plain_tokens"] == expected["tokens"]
+    assert m["plain_nll_base"] == pytest.approx(expected["nll_base"], rel=1e-4)
+    assert m["plain_nll_student"] == pytest.approx(expected["nll_student"], rel=1e-4)
+    assert m["plain_drift_kl"] == pytest.approx(expected["drift"], rel=1e-3)
+    assert m["plain_drift_kl"] > 1e-4  # LoRA moved the model, and the drift measure sees it
+    report_md = (paths.output_dir("evaluate", cfg, job) / "report.md").read_text()
+    assert "continued pretraining" in report_md and "Held-out plain text" in report_md
+    log = json.loads((out / "train_log.json").read_text())
+    assert [e["step"] for e in log if "loss" in e] == [1, 2, 3, 4]
+    from transformers import AutoTokenizer
+
+    assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size == len(AutoTokenizer.from_pretrained(out))
+    # the finetune key of the same config is a different folder (and unchanged by the pretrain knobs)
+    finetune = pretrain_cfg("train.mode=finetune")
+    assert paths.output_dir("train", finetune, job) != out
+    assert paths.output_dir("train", finetune, job) == paths.output_dir("train", 
+        pretrain_cfg("train.mode=finetune", "train.pretrain.tagged_share=0.9"), job
+    )
+
+
+def plain_text_reference(base_path, student_dir, block_size: int, heldout_docs: int) -> dict:
+    """Held-out plain-text NLL of base and student and KL(base || student), by hand: one forward per
+    document (no batch, no padding), log-softmax and the sums written out."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(student_dir)
+    tag_ids = [i for i, t in tok.added_tokens_decoder.items() if t.content == "<kind>"]
+    texts = [json.loads(line)["text"] for line in CORPUS.read_text().splitlines() if line.strip()][:heldout_docs]
+    docs = [tok(t, split_special_tokens=True)["input_ids"][:block_size] for t in texts if t.strip()]
+    base, student = AutoModelForCausalLM.from_pretrained(base_path), AutoModelForCausalLM.from_pretrained(student_dir)
+    nll = {"base": 0.0, "student": 0.0}
+    drift, tokens = 0.0, 0
+    with torch.no_grad():
+        for doc in docs:
+            logprobs = {}
+            for name, model in (("base", base), ("student", student)):
+                logits = model(torch.tensor([doc])).logits[0, :-1].double()
+                if name == "student":
+                    logits[:, tag_ids] = float("-inf")
+                logprobs[name] = torch.log_softmax(logits, -1)
+                nll[name] -= sum(float(logprobs[name][t, doc[t + 1]]) for t in range(len(doc) - 1))
+            p = logprobs["base"].exp()
+            drift += float((p * (logprobs["base"] - logprobs["student"][:, : p.shape[-1]])).sum())  # tags: no base mass
+            tokens += len(doc) - 1
+    return {"tokens": tokens, "nll_base": nll["base"] / tokens, "nll_student": nll["student"] / tokens, "drift": drift / tokens}
+
+
+def test_interrupted_pretraining_resumes_to_the_same_weights(pretrain_cfg, monkeypatch):
+    """Stop after the step-2 checkpoint, run again: the result equals an uninterrupted run's."""
+    overrides = ("train.params=full", "train.max_steps=4", "train.save_steps=2", "train.lr=0.01")
+    cfg = pretrain_cfg(*overrides)
+    for stage in ("generate", "extend"):
+        run_stages(pretrain_cfg(*overrides, f"stage={stage}"))
+    job = job_from_config(cfg)
+    run_recipe(train, cfg)
+    out = paths.output_dir("train", cfg, job)
+    reference = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    shutil.rmtree(out)
+    calls = {"n": 0}
+    original = trainer.DistillTrainer.compute_loss
+
+    def crash_on_third_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated stop after the step-2 checkpoint")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.DistillTrainer, "compute_loss", crash_on_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(train, cfg)
+    assert (out.with_name(f".{out.name}.partial") / "checkpoints" / "checkpoint-2").is_dir()
+    monkeypatch.setattr(trainer.DistillTrainer, "compute_loss", original)
+    run_recipe(train, cfg)
+    resumed = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert all(torch.allclose(resumed[k], reference[k], atol=1e-6) for k in reference)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.pretrain.tag_position=random", "model.chat=true"], "tag_position=random needs model.chat=false"),
+        (["train.pretrain.plain.data_files=/nowhere/corpus.jsonl"], "no such file exists"),
+        (["train.pretrain.tagged_share=1.5"], "train.pretrain.tagged_share is 1.5"),
+    ],
+)
+def test_bad_pretrain_settings_fail_before_any_model_loads(no_weights, pretrain_cfg, monkeypatch, overrides, message):
+
+    with pytest.raises(ConfigError, match=message):
+        run_stages(pretrain_cfg(*overrides))
+
+
+def test_unknown_tag_in_the_mixture_is_named(pretrain_cfg):
+    cfg = pretrain_cfg("train.pretrain.tags=['<nope>']")
+    for stage in ("generate", "extend"):
+        run_stages(pretrain_cfg("train.pretrain.tags=['<nope>']", f"stage={stage}"))
+    with pytest.raises(ConfigError, match=r"train.pretrain.tags lists \['<nope>'\]"):
+        run_recipe(train, cfg)
+
+
+def test_pretrain_loss_is_not_multiplied_by_gradient_accumulation(pretrain_cfg, tmp_path):
+    """Two micro-batches of 2 blocks must log the loss and gradient norm of one batch of 4 blocks.
+
+    Before: batches carry `labels`, so the Trainer took the plain mean for an already normalised sum and
+    did not divide by grad_accum: the logged loss and the gradients were twice as large.
+    """
+    logs = {}
+    for name, batch, accum in (("one_batch", 4, 1), ("accumulated", 2, 2)):
+        cfg = pretrain_cfg(f"paths.outputs={tmp_path / name}", "train.params=full", "train.max_steps=1",
+                           f"train.batch_size={batch}", f"train.grad_accum={accum}", "train.logging_steps=1")
+        run_stages(pretrain_cfg(f"paths.outputs={tmp_path / name}", "stage=generate"))
+        run_stages(pretrain_cfg(f"paths.outputs={tmp_path / name}", "stage=extend"))
+        run_recipe(train, cfg)
+        log = json.loads((paths.output_dir("train", cfg, job_from_config(cfg)) / "train_log.json").read_text())
+        logs[name] = next(e for e in log if "loss" in e)
+    assert logs["accumulated"]["loss"] == pytest.approx(logs["one_batch"]["loss"], rel=0.05)
+    assert logs["accumulated"]["grad_norm"] == pytest.approx(logs["one_batch"]["grad_norm"], rel=0.05)

@@ -1,0 +1,66 @@
+"""Stage keys of the shipped configs stay what they were: every cached output on disk stays valid.
+
+The model enters every key by the hash of its files (which differ between conversions), so these pins
+hold the model's content fixed and check the rest of the key. They were recorded before the config schema
+gained Enums, range checks and new fields (issue 14) and before the evaluation work of issue 13, with the
+model's content in the key (the one deliberate change of every key); a new config field must leave them
+unchanged. The other deliberate change is marked where it is asserted.
+"""
+import pytest
+
+from tests.conftest import compose
+
+
+@pytest.fixture(autouse=True)
+def _pinned(pinned_model_content):
+    """Every pin below holds the model's content fixed (see conftest)."""
+
+
+BOOTSTRAP = ["experiment=nested", "generate.teacher_mode=bootstrap",
+             "generate.bootstrap_model=outputs/train/nice+authoritative_tone+pirate-7abbedc502"]
+CASES = {
+    "default": ([], {"generate": "4afa5c1d43", "extend": "c8517c2421", "train": "ea24db4e91", "evaluate": "a59e4b0496"}),
+    "demo": (["experiment=demo"], {"generate": "296f0b3219", "extend": "42afc11faf", "train": "ea37881157", "evaluate": "f2575fc03f"}),
+    "remix": (["experiment=remix"], {"generate": "0dd73205d7", "extend": "3b41cc2b6f", "train": "fd2e31693f", "evaluate": "cf3e8f6b42"}),
+    "nested": (["experiment=nested"], {"generate": "45c5186845", "extend": "a168ce45eb", "train": "b8caed8cda", "evaluate": "a9f35d2649"}),
+    "pretrain_demo": (["experiment=pretrain_demo"], {"generate": "23a7f62a0d", "extend": "d18a0f76e4", "train": "f03be07d6e", "evaluate": "99226c1423"}),
+    "concise": (["metatoken=concise"], {"generate": "9794497fa1", "extend": "33bedc3d0c", "train": "ecbf361264", "evaluate": "7b3319e342"}),
+    "sft_full": (
+        ["train.objective=sft", "train.params=full", "extend.init=random", "mixture.order=sorted"],
+        {"generate": "f0ecdbf4c0", "extend": "272ef175e8", "train": "9761883628", "evaluate": "883c3f7c85"},
+    ),
+    "nested_bootstrap": (BOOTSTRAP, {"extend": "25591cddc2", "train": "644d2424dd"}),
+}
+
+
+def stage_hashes(overrides):
+    from pipeline.core.job import job_from_config
+    from pipeline.runtime import outputs
+    from pipeline.stages import paths
+
+    cfg = compose(overrides)
+    job = job_from_config(cfg)
+    return {name: outputs.key_hash(paths.stage_key(name, cfg, job)) for name in ("generate", "extend", "train", "evaluate")}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_stage_keys_of_shipped_configs_do_not_change(name):
+    overrides, expected = CASES[name]
+    got = stage_hashes(overrides)
+    assert {k: got[k] for k in expected} == expected
+
+
+def test_bootstrap_generate_and_evaluate_keys_change_on_purpose():
+    """Bootstrap mode's held-out samples now come from the reference teacher and the base model, so
+    its generate and evaluate outputs are new results (its extend and train keys stay, above)."""
+    got = stage_hashes(BOOTSTRAP)
+    assert got["generate"] != "d61db3b637" and got["evaluate"] != "744a05bf20"
+
+
+def test_a_probe_enters_the_evaluate_key_only():
+    """The probe only changes what evaluate counts in sampled answers: earlier stages are reused, and an
+    edited probe gets a new evaluation instead of the old counts."""
+    edited, shipped, none = (stage_hashes(o) for o in (["metatoken.probe.kind=words", "metatoken.probe.pattern=null"], [], ["metatoken.probe=null"]))
+    for other in (edited, none):
+        assert {k: v for k, v in other.items() if k != "evaluate"} == {k: v for k, v in shipped.items() if k != "evaluate"}
+    assert len({edited["evaluate"], shipped["evaluate"], none["evaluate"]}) == 3
