@@ -209,7 +209,7 @@ class PretrainConfig:
 class TrainConfig:
     mode: Mode = Mode.finetune  # finetune: distil (context, continuation) pairs; pretrain: LM loss on packed tagged + plain documents
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)  # the stream for mode=pretrain (ignored otherwise)
-    objective: Objective = Objective.kl  # kl: match the teacher's recorded top-k distribution; sft: cross-entropy on its samples; onpolicy: the student samples, the teacher scores its tokens (pipeline/onpolicy.py)
+    objective: Objective = Objective.kl  # kl: match the teacher's recorded top-k distribution; sft: cross-entropy on its samples; onpolicy: the student samples, the teacher scores its tokens (pipeline/core/onpolicy.py)
     teacher: Teacher = Teacher.recorded  # kl targets: recorded (top-k saved by generate) | online (full distribution, computed now from the prompt cache); onpolicy: the off-policy steps' target
     # onpolicy_* only count with objective=onpolicy (left out of the train key otherwise). Cost: each on-policy step samples batch_size x onpolicy_max_new_tokens tokens (default model, 2 CPU cores: ~40 tokens/s batched)
     onpolicy_loss: OnpolicyLoss = OnpolicyLoss.reverse_kl  # reverse_kl: KL(student || teacher) on the student's samples | jsd: the generalised JSD with onpolicy_beta

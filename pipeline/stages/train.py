@@ -4,7 +4,7 @@ Objectives:
 - `kl`:  match the teacher's recorded top-k distribution at every position (dense signal);
 - `sft`: cross-entropy on the teacher's sampled tokens;
 - `onpolicy`: the student samples from its tagged context, the teacher scores those tokens with its
-  full distribution, reverse KL or generalised JSD (pipeline/onpolicy.py: the steps, the cost).
+  full distribution, reverse KL or generalised JSD (core/onpolicy.py: the steps, the cost).
 Trainable parameters:
 - `embedding`: only the new tag rows (the rest of the model is untouched, so untagged text cannot drift);
 - `lora`: LoRA adapters (peft) plus the new tag rows;
