@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: help setup demo demo-pretrain test test-fast clean bench
+.PHONY: help setup demo demo-pretrain lint test test-fast clean bench
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -26,10 +26,13 @@ demo:  ## the whole chain for <pirate> on the default model, then print the repo
 demo-pretrain:  ## continued pretraining for <pirate> on the default model as a plain LM (~10 min)
 	OMP_NUM_THREADS=1 $(PY) -m pipeline experiment=pretrain_demo
 
-test:  ## the test suite (tiny models, plus one chain on the real default model)
+lint:  ## ruff check (pyflakes, import order, a few bug-prone patterns; config in pyproject.toml)
+	$(PY) -m ruff check .
+
+test: lint  ## lint, then the test suite (tiny models, plus one chain on the real default model)
 	$(PY) -m pytest
 
-test-fast:  ## the tests without the real-model chain
+test-fast: lint  ## lint, then the tests without the real-model chain
 	$(PY) -m pytest -m "not slow"
 
 clean:  ## remove stage outputs (keeps the converted model)
