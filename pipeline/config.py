@@ -255,6 +255,9 @@ class EvaluateConfig:
     # the demo's 24 held-out inputs in scored tokens, so both figures have intervals of similar width, for ~30% more time.
     train_examples: int = 32
     resamples: int = 1000  # bootstrap resamples of the inputs for the 95% intervals
+    # Tag strength sweep (pipeline/strength.py), e.g. [-1,0,0.5,1,1.5,2,3]: KL, probe and fluency of the tag applied by
+    # guidance at each strength; empty = off (and left out of the stage key). Cost: ~2 x 7 x inputs x 48 sampled tokens.
+    strengths: list[float] = field(default_factory=list)
 
 
 @dataclass

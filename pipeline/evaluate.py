@@ -32,7 +32,7 @@ from pipeline.metatokens import ConfigError
 from pipeline.models import load_model, load_tokenizer, resolve_model_path
 
 log = logging.getLogger(__name__)
-LATER_DEFAULTS = {"train_examples": 32, "resamples": 1000}  # fields added after evaluations were cached
+LATER_DEFAULTS = {"train_examples": 32, "resamples": 1000, "strengths": []}  # fields added after evaluations were cached
 
 
 def stage_key(cfg, job: Job) -> dict:
@@ -280,7 +280,10 @@ def load_scored_model(path: Path, job: Job, cfg):
 
 
 def run(cfg) -> Path:
+    from pipeline import strength
+
     job = job_from_config(cfg)
+    strengths = strength.check(cfg, job)  # a bad evaluate.strengths fails here, before any model loads
     out_dir = output_dir(cfg, job)
     if outputs.already_done(out_dir, cfg.force, "evaluate"):
         print((out_dir / "report.md").read_text())
@@ -328,6 +331,8 @@ def run(cfg) -> Path:
         from pipeline.pretrain import plain_text_scores
 
         drift.update(plain_text_scores(cfg, base_path, train_dir, tag_ids))
+    if strengths:  # the tag at several strengths, by guidance (pipeline/strength.py)
+        sweep = strength.sweep(cfg, job, heldout[first], ref["heldout"][first], base_path, train_dir, tag_ids, strengths)
     effect = {s: torch.cat(ref["heldout"][s]["effect_tokens"]).mean().item() for s in job.eval_sets}
     scores = {s: {"effect_kl": effect[s], **init[s], **scores[s]} for s in job.eval_sets}
     sets = [{"tags": list(s), "in_training": job.in_training(s), "heldout_examples": len(heldout[s]), **scores[s]} for s in job.eval_sets]
@@ -347,6 +352,7 @@ def run(cfg) -> Path:
         "per_position": per_position,
         "output": str(out_dir),
         "inputs": {"generate": str(gen_dir), "extend": str(ext_dir), "train": str(train_dir)},
+        **({"strength": sweep} if strengths else {}),
     }
     with outputs.atomic_stage_dir(out_dir, "evaluate", stage_key(cfg, job), config=cfg) as (work, manifest):
         outputs.write_json(work / "report.json", report)

@@ -33,6 +33,9 @@ FIGURES = {  # file stem -> (title, caption)
                         "tag (dotted) and the student with the tag (solid). Where the solid line is below the dashed "
                         "one, the tag does what the prompt did."),
     "loss": ("Training loss", "Training loss per logged step."),
+    "strength": ("Tag strength", "The tag applied at strength s by guidance (untagged + s (tagged - untagged)): recovery, "
+                 "its behaviour probe and the NLL of the guided answers under the base model and the teacher, with 95% "
+                 "bootstrap intervals over the held-out inputs (pipeline/strength.py)."),
 }
 MIN_SHARE = 0.25  # the per-position plot stops where fewer than this share of samples are still that long
 
@@ -220,6 +223,11 @@ def make_plots(reports: list[dict], out_dir: Path) -> dict[str, Path]:
         "kl_per_position": plot_kl_by_position(reports, plots / "kl_per_position.png"),
         "loss": plot_loss(reports, plots / "loss.png"),
     }
+    swept = [r for r in reports if r.get("strength")]
+    if swept:  # the tag-strength sweep (evaluate.strengths), first report holding one
+        from pipeline import strength
+
+        made["strength"] = strength.plot(swept[0]["strength"], plots / "strength.png")
     return {k: v for k, v in made.items() if v is not None}
 
 
@@ -275,6 +283,9 @@ def blocks(reports: list[dict], figures: dict[str, Path]) -> list[tuple]:
                 f"trained on): drift KL(base || student) **{m['plain_drift_kl']:.4f}** nats/token; NLL base "
                 f"{m['plain_nll_base']:.4f} -> student {m['plain_nll_student']:.4f} nats/token.",
             ))
+    from pipeline import strength
+
+    out += strength.report_blocks(reports)  # evaluate.strengths: a table per sweep
     out.append(("h2", "Plots"))
     out += [("img", *FIGURES[stem], f"{PLOTS}/{path.name}") for stem, path in figures.items()]
     if "loss" not in figures:

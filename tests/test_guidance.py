@@ -112,13 +112,17 @@ def test_sampler_matches_brute_force_guided_decoding_with_several_tags_in_a_batc
 
 def test_one_tag_one_input_matches_transformers_guidance_scale(tagged_model):
     model, tok = tagged_model
+    untagged, tagged = guidance.branch_contexts(tok, TEXTS[1], ["<kind>"], True)
+    plain_tagged = model.generate(torch.tensor([tagged]), do_sample=False, max_new_tokens=8, min_new_tokens=8,
+                                  pad_token_id=tok.pad_token_id)[0, len(tagged):].tolist()
     for s in (2.0, -1.0, 0.5):
-        untagged, tagged = guidance.branch_contexts(tok, TEXTS[1], ["<kind>"], True)
         ours = guidance.sample(model, [[untagged], [tagged]], guidance.branch_weights([s]), pad_id=tok.pad_token_id,
                                eos_ids=[], max_new_tokens=8, temperature=0.0, top_p=1.0, seeds=[0])[0]
         theirs = model.generate(torch.tensor([tagged]), guidance_scale=s, negative_prompt_ids=torch.tensor([untagged]),
                                 do_sample=False, max_new_tokens=8, min_new_tokens=8, pad_token_id=tok.pad_token_id)
         assert ours == theirs[0, len(tagged):].tolist()
+        if s != 0.5:
+            assert ours != plain_tagged  # guidance changed the answer, so the agreement is not plain decoding twice
     # s = 1 and s = 0: plain generation from the tagged and from the untagged context
     for s, context in ((1.0, tagged), (0.0, untagged)):
         ours = guidance.sample(model, [[untagged], [tagged]], guidance.branch_weights([s]), pad_id=tok.pad_token_id,
