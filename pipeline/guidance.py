@@ -23,6 +23,7 @@ one-tag, one-input case against `generate(guidance_scale=...)`.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Sequence
 
@@ -144,7 +145,9 @@ def sample(
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    # Only the last position's logits are needed (as `generate` does): not [rows, context, vocab] at once.
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **last_only)
     done = torch.zeros(n, dtype=torch.bool)
     tokens: list[torch.Tensor] = []
     for _ in range(max_new_tokens):

@@ -155,3 +155,30 @@ def test_standalone_command_writes_the_doc_and_resumes_from_its_cache(run, tmp_p
     monkeypatch.setattr(guidance, "sample_batched", refuse)
     strength.main(argv)  # a rerun reads the cached answers
     assert json.loads((tmp_path / "docs" / "strength" / "strength.json").read_text())["points"] == result["points"]
+
+
+def test_sample_command_with_strengths_one_shot_and_interactive(run):
+    import io
+
+    from pipeline import sample
+
+    tok = AutoTokenizer.from_pretrained(run.train_dir)
+    student = AutoModelForCausalLM.from_pretrained(run.train_dir)
+    text = "How do I boil an egg?"
+
+    def expected(s):  # greedy guided decoding, straight from the guidance module
+        branches = [[c] for c in guidance.branch_contexts(tok, text, ["<kind>"], True)]
+        ids = guidance.sample(student, branches, guidance.branch_weights([s]), pad_id=tok.pad_token_id, eos_ids=_eos_ids(student, tok),
+                              max_new_tokens=4, temperature=0.0, top_p=1.0, seeds=[0], suppress_ids=tok.convert_tokens_to_ids(["<kind>"]))[0]
+        return tok.decode(ids, skip_special_tokens=True).strip()
+
+    out = io.StringIO()
+    sample.main([f"model={run.train_dir}", f"text={text}", "tags=[<kind>:2]", "compare=true", "max_new_tokens=4", "temperature=0"], out=out)
+    assert out.getvalue().splitlines()[-1] == f"[<kind>:2] {expected(2.0)}"
+    out = io.StringIO()
+    sample.main([f"model={run.train_dir}", "tags=<kind>", "strength=-1", "interactive=true", "max_new_tokens=4", "temperature=0"],
+                stream=io.StringIO(f"{text}\n/tags <kind>:3\n{text}\n/tags <kind>\n{text}\n"), out=out)
+    printed = out.getvalue()
+    assert f"[<kind>:-1] {expected(-1.0)}" in printed and f"[<kind>:3] {expected(3.0)}" in printed
+    # /tags without a strength falls back to strength=-1 given on the command line
+    assert printed.count("[<kind>:-1]") == 2
