@@ -259,6 +259,20 @@ EXPLANATION = (
 )
 
 
+USAGE = """## Using a strength
+
+```
+python -m pipeline.sample tags="[<pirate>]" strength=2 text="How do I boil an egg?"          # more of the tag
+python -m pipeline.sample tags="[<pirate>:-1]" text="How do I boil an egg?" compare=true      # its opposite, beside no tag
+python -m pipeline.sample tags="[<pirate>:1.5,<nice>:-1]" text="Hi"                           # several tags, each its own strength
+python -m pipeline stage=evaluate metatoken=pirate evaluate.strengths=[-1,0,0.5,1,1.5,2,3]    # this sweep in the evaluate report
+```
+
+Each tag is read in its own context and combined at every step (pipeline/guidance.py), so a strength costs one
+more forward pass per tag; when every strength is 1 the tags are read together in one context, as without
+strengths. A sweep re-run with the same command reads its cached answers (outputs/strength/)."""
+
+
 # ---------------------------------------------------------------- the standalone command
 
 
@@ -323,8 +337,9 @@ def write_doc(result: dict, out: Path, command: str) -> Path:
              f"{result['heldout_examples']} held-out inputs; the raw figures: [{assets.name}/{assets.name}.json]({assets.name}/{assets.name}.json)).", "",
              "| " + " | ".join(TABLE_HEADERS) + " |", "|---|" + "---:|" * (len(TABLE_HEADERS) - 1)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(result)]
-    lines += ["", EXPLANATION, "", reference_text(result), "", f"![Tag strength]({assets.name}/{png.name})", "",
-              "## Guided answers", ""]
+    lines += ["", EXPLANATION, "", reference_text(result), "", f"![Tag strength]({assets.name}/{png.name})", "", USAGE, "",
+              "## Guided answers", "", f"Sampled at temperature {result['sampling']['temperature']}, top-p {result['sampling']['top_p']}, "
+              f"up to {result['sampling']['max_new_tokens']} tokens, the same seed per input at every strength.", ""]
     for example in result["examples"]:
         lines += [f"**Input:** {example['input']}", "", "| s | answer |", "|---:|---|"]
         lines += [f"| {s} | {' '.join(text.split()).replace('|', chr(92) + '|')} |" for s, text in example["answers"].items()]
