@@ -8,7 +8,7 @@
 
 Arguments are `key=value` like the pipeline's Hydra overrides, but parsed with argparse and taken
 literally, so a text may hold commas, colons and quotes. Keys: see `python -m pipeline.sample -h`.
-In interactive mode each line on stdin is a request; `/tags <a> <b>` switches tags (`/tags` alone: none),
+In interactive mode each line on stdin is a request; `/tags <a> <b>:2` switches tags (and strengths) (`/tags` alone: none),
 `/compare` toggles the untagged answer, `/quit` or end of input stops.
 A tag's strength s (default 1: the plain tag) applies it by classifier-free guidance (pipeline/guidance.py):
 logits = untagged + sum_i s_i (tagged_i - untagged), each tag in its own context; 0 is no tag, above 1 more of it,
@@ -226,7 +226,7 @@ def interactive(sampler: Sampler, args: SampleArgs, stream=None, out=None) -> No
     stream, out = stream or sys.stdin, out or sys.stdout
     tags = list(args.tags)
     print(f"{sampler.model_dir}: tags {' '.join(sampler.known) or '(none)'}; now using {' '.join(tags) or 'no tag'}.\n"
-          "One request per line. /tags <a> <b> switches tags (/tags alone: none), /compare toggles the untagged "
+          "One request per line. /tags <a> <b>:2 switches tags, with strengths (/tags alone: none), /compare toggles the untagged "
           "answer, /quit or Ctrl-D ends.", file=out)
     for line in _lines(stream):
         line = line.strip()
