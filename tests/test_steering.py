@@ -3,6 +3,7 @@ on a tiny model: the vector against an unbatched loop over `hidden_states`, the 
 shift built into the weights (a bias on the layer's last projection), the scores against a plain loop."""
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -133,3 +134,43 @@ def test_unknown_positions_fail(three_layers):
     tok, model, _ = three_layers
     with pytest.raises(ConfigError, match="Fix: use one of answer, last"):
         mean_differences(model, contexts(tok, PROMPT), contexts(tok, None), answers(), [1], tok.pad_token_id, positions="all")
+
+
+def test_the_study_reproduces_the_evaluate_report_on_a_tiny_run(tiny_cfg, tiny_model, tiny_data, tmp_path, monkeypatch):
+    """benchmarks/steering.py on a finished tiny chain: its own scoring of the trained tag gives the evaluate
+    report's recovery and drift (so the vector is scored like the tag), a zero scale recovers nothing, and
+    the table and plot are written."""
+    import importlib.util
+    import json
+
+    from pipeline.__main__ import run_stages
+    from tests.conftest import tiny_overrides
+
+    run_stages(tiny_cfg("stage=all"))
+    spec = importlib.util.spec_from_file_location("steering_study", Path(__file__).resolve().parents[1] / "benchmarks" / "steering.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    monkeypatch.setattr(study, "RESULTS", tmp_path / "results.json")
+    monkeypatch.setattr(study, "DOCS", tmp_path / "docs")
+    monkeypatch.setattr(study, "CACHE", tmp_path / "cache")
+    overrides = tiny_overrides(tiny_model, tiny_data, tmp_path / "outputs")
+    study.main(["run", *overrides, "--layers", "1", "--scales", "0,2", "--probe"])
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    tag, report = results["references"]["tag"], results["references"]["tag"]["report"]
+    assert tag["recovery"] == pytest.approx(report["recovery"], abs=1e-6)
+    assert tag["drift_kl"] == pytest.approx(report["drift_kl"], rel=1e-5, abs=1e-9)
+    assert results["setup"]["effect_kl"] == pytest.approx(report["effect_kl"], rel=1e-6)
+    zero, two = results["cells"]["answer/L1/x0"], results["cells"]["answer/L1/x2"]
+    assert zero["recovery"] == 0.0 and zero["drift_kl"] == 0.0
+    assert two["drift_kl"] > 1e-4 and two["recovery"] != 0.0
+    assert two["command"].endswith("--positions answer --layers 1 --scales 2 --probe")
+    assert len(two["samples"]) == 2
+    before = (tmp_path / "results.json").read_text()
+    study.main(["run", *overrides, "--layers", "1", "--scales", "2"])  # finished cells are not run again
+    assert json.loads((tmp_path / "results.json").read_text())["cells"] == json.loads(before)["cells"]
+
+    study.main(["table"])
+    table = (tmp_path / "docs" / "table.md").read_text()
+    assert table.count("\n") == 2 + 2 + 2  # header, the prompt and the tag, two cells
+    assert (tmp_path / "docs" / "recovery.png").stat().st_size > 10_000
