@@ -39,5 +39,4 @@ bench:  ## generation and training throughput under 1k/4k-token prompts -> bench
 	$(PY) benchmarks/bench.py
 
 bench-quality:  ## minutes to held-out recovery 0.5-0.9, ours vs HF generate + TRL SFTTrainer (needs .[bench]; ~35 min)
-	$(PY) -m pip install -e '.[bench]'
 	$(PY) benchmarks/time_to_quality.py

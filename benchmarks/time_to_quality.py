@@ -403,6 +403,10 @@ def main() -> None:
     if args.only:
         run_recipe(args, args.only)
         return
+    try:
+        import trl  # noqa: F401  (the peer recipe's trainer; checked before any work)
+    except ImportError:
+        sys.exit("time_to_quality: the peer recipe needs TRL. Fix: pip install -e '.[bench]' (trl==1.16.0).")
     settings = WORK / "settings.json"
     if settings.is_file() and json.loads(settings.read_text()) != vars(args):
         sys.exit(f"{WORK} holds a run with other settings ({settings}). Fix: remove {WORK}, or run with those settings.")
