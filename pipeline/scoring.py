@@ -23,9 +23,14 @@ def scored_logits(model, positions: torch.Tensor, **inputs) -> torch.Tensor:
     Equal to `gather_positions(model(**inputs).logits, positions)`, without the head's work elsewhere.
     """
     logits = model(**inputs, logits_to_keep=positions).logits
-    if logits.shape[:2] != positions.shape:  # a model that ignores `logits_to_keep`: every position came back
-        logits = gather_positions(logits, positions)
-    return logits
+    if logits.dim() == 3 and logits.shape[:2] == positions.shape:
+        return logits
+    if logits.dim() == 3 and logits.shape[1] == inputs["input_ids"].shape[1]:  # it ignored `logits_to_keep`
+        return gather_positions(logits, positions)
+    raise ValueError(
+        f"{type(model).__name__} returned logits of shape {tuple(logits.shape)} for per-row positions "
+        f"{tuple(positions.shape)}: it does not take transformers' 2D `logits_to_keep`."
+    )
 
 
 class ReferenceMemo:

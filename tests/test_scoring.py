@@ -150,3 +150,13 @@ def test_reference_memo_keeps_no_more_than_its_budget(student):
         memo.logits(compute, batch, tag_ids)
         memo.logits(compute, batch, tag_ids)
     assert len(memo.memo) == 1 and memo.computed == 4 + 3  # only the first (shortest) row fit; the rest ran again
+
+
+def test_a_model_that_slices_positions_its_own_way_fails_clearly():
+    class OldStyle(torch.nn.Module):  # hidden[:, positions] on a 2D tensor: [B, B, T, V], not per row
+        def forward(self, input_ids, logits_to_keep=None):
+            hidden = input_ids[..., None].float().expand(-1, -1, 3)
+            return type("Out", (), {"logits": hidden[:, logits_to_keep]})()
+
+    with pytest.raises(ValueError, match="2D `logits_to_keep`"):
+        scored_logits(OldStyle(), torch.tensor([[1, 2], [4, 5]]), input_ids=torch.arange(12).view(2, 6))
