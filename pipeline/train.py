@@ -34,12 +34,13 @@ from transformers import Trainer, TrainingArguments, get_scheduler, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from pipeline import card, distributed, extend, generate, onpolicy, outputs, progress, tracking
-from pipeline.data import gather_positions, pad_2d, pad_examples
+from pipeline.data import pad_2d, pad_examples
 from pipeline.formats import context_ids
 from pipeline.losses import full_kl, masked_mean, suppress, token_cross_entropy, topk_bins, topk_kl
 from pipeline.job import Job, job_from_config
 from pipeline.metatokens import ConfigError
 from pipeline.models import load_model, load_tokenizer
+from pipeline.scoring import ReferenceMemo, scored_logits
 from pipeline.teacher import CachedPromptTeacher
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ def stage_key(cfg, job: Job) -> dict:
     train_cfg = outputs.plain(cfg.train)
     train_cfg.pop("report_to", None)  # where logs go does not change the model
     train_cfg.pop("teacher_memo_mb", None)  # nor does keeping teacher logits instead of recomputing them
+    train_cfg.pop("reference_memo_mb", None)  # nor keeping the untagged term's reference logits
     train_cfg.pop("save_total_limit", None)  # nor how many checkpoints are kept on the way
     train_cfg.pop("pretrain", None)
     if train_cfg.get("max_examples") is None:  # added later: runs without a cap keep their folders
@@ -148,8 +150,10 @@ class DistillCollator:
 
 def continuation_logits(model, batch: dict, tag_ids: list[int], prefix: str = "") -> torch.Tensor:
     """Logits [B, T, V] that predict each continuation token (teacher-forced), tags suppressed."""
-    logits = model(input_ids=batch[prefix + "input_ids"], attention_mask=batch[prefix + "attention_mask"]).logits
-    return suppress(gather_positions(logits, batch[prefix + "output_positions"]), tag_ids)
+    logits = scored_logits(  # the LM head only at the continuation's positions (pipeline/scoring.py)
+        model, batch[prefix + "output_positions"], input_ids=batch[prefix + "input_ids"], attention_mask=batch[prefix + "attention_mask"]
+    )
+    return suppress(logits, tag_ids)
 
 
 def distill_loss(model, batch: dict, objective: str, tag_ids: list[int], teacher=None) -> torch.Tensor:
@@ -193,14 +197,19 @@ def offpolicy_loss(model, batch: dict, tag_ids: list[int], teacher, settings) ->
     return masked_mean(onpolicy.divergence(student, target.to(student.device), settings), batch["output_mask"])
 
 
-def preserve_loss(model, reference, batch: dict, tag_ids: list[int]) -> torch.Tensor:
+def preserve_loss(model, reference, batch: dict, tag_ids: list[int], memo: ReferenceMemo | None = None) -> torch.Tensor:
     """KL(reference || student) on the same inputs without a tag: keeps untagged behaviour in place.
 
     `reference` is a context manager factory that yields the frozen starting model (for LoRA, the
-    same model with its adapters switched off, so no second copy is held in memory).
+    same model with its adapters switched off, so no second copy is held in memory). With a `memo`,
+    each example's reference logits are computed once and read back in later epochs.
     """
-    with torch.no_grad(), reference() as ref:
-        target = continuation_logits(ref, batch, tag_ids, "plain_")
+
+    def compute(rows: dict) -> torch.Tensor:
+        with torch.no_grad(), reference() as ref:
+            return continuation_logits(ref, rows, tag_ids, "plain_")
+
+    target = compute(batch) if memo is None else memo.logits(compute, batch, tag_ids)
     student = continuation_logits(model, batch, tag_ids, "plain_")
     return masked_mean(full_kl(target, student), batch["plain_output_mask"])
 
@@ -238,6 +247,7 @@ class DistillTrainer(Trainer):
         teacher=None,
         onpolicy_settings=None,
         pad_id: int = 0,
+        reference_memo_mb: float = 0,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -248,6 +258,7 @@ class DistillTrainer(Trainer):
         self.tag_ids = tag_ids
         self.untagged_weight = untagged_weight
         self.reference = reference
+        self.reference_memo = ReferenceMemo(reference_memo_mb) if reference_memo_mb > 0 else None
         self.client_optimizers = kwargs.get("optimizers", (None, None))
         self.loss_sum_before = 0.0  # a resumed run: the summed loss of the steps before its checkpoint
 
@@ -313,7 +324,7 @@ class DistillTrainer(Trainer):
                 f"Fix: lower train.lr / train.embedding_lr, or check the generate output for empty samples."
             )
         if self.untagged_weight > 0 and self.reference is not None:
-            loss = loss + self.untagged_weight * preserve_loss(model, self.reference, inputs, self.tag_ids)
+            loss = loss + self.untagged_weight * preserve_loss(model, self.reference, inputs, self.tag_ids, self.reference_memo)
         return (loss, None) if return_outputs else loss
 
 
@@ -487,6 +498,7 @@ def run(cfg) -> Path:
             untagged_weight=train_cfg.untagged_weight if train_cfg.params != "embedding" and not pretraining else 0.0,
             reference=None if pretraining else frozen,
             teacher=teacher,
+            reference_memo_mb=train_cfg.reference_memo_mb,
             **(
                 {"onpolicy_settings": onpolicy.Settings.from_config(train_cfg), "pad_id": tokenizer.pad_token_id}
                 if train_cfg.objective == "onpolicy" and not pretraining
