@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from datasets import load_from_disk
-from pipeline import card, extend, generate, outputs, report as reports, train
+from pipeline import card, crosstag, extend, generate, outputs, report as reports, train
 from pipeline.data import gather_positions, pad_examples
 from pipeline.formats import context_ids
 from pipeline.catalog import tags_of
@@ -300,6 +300,8 @@ def run(cfg) -> Path:
     drift_outs = [r["base_output_ids"] for r in drift_rows]
     base_plain = [context_ids(base_tok, r["input"], None, chat) for r in drift_rows]
     base_on_base = continuation_logits(base, base_plain, drift_outs, base_tok.pad_token_id, bs, "base untagged") if drift_rows else None
+    # two or more tags: every tag and every other prompt on each prompt's samples (pipeline/crosstag.py)
+    cross = {"prompts": crosstag.prompt_cells(base, base_tok, job, heldout, ref, cfg)} if crosstag.applies(job) else None
     del base
 
     # Every tag the student holds is suppressed (a bootstrapped student's inner tags too), as when it samples.
@@ -321,6 +323,8 @@ def run(cfg) -> Path:
     tok, model = load_scored_model(train_dir, job, cfg)
     scores, samples, residual_tokens = score_student(model, tok, job, cfg, heldout, trained, ref, tag_ids)
     per_position["residual_kl"] = position_means(residual_tokens["heldout"][first])[0]
+    if cross is not None:
+        cross["tags"] = crosstag.tag_cells(model, tok, job, heldout, ref, cfg, tag_ids)
     drift.update(untagged_drift(model, tok, ""))
     del model
 
@@ -341,6 +345,7 @@ def run(cfg) -> Path:
         # the headline: a plain run's one set; with several sets, token-weighted over all of them (each is in `sets`)
         "metrics": {**(scores[first] if len(sets) == 1 else pooled_headline(heldout, trained, ref, residual_tokens, init_tokens, scores, eval_cfg)), **drift},
         "sets": sets,
+        **({"crosstag": crosstag.figures(job, heldout, ref, cross["tags"], cross["prompts"], eval_cfg)} if cross else {}),
         "intervals": {"level": 0.95, "over": "inputs", "resamples": eval_cfg.resamples, "seed": eval_cfg.seed},
         "drift": drift,
         "samples": samples,

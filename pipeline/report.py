@@ -22,6 +22,8 @@ import os
 import re
 from pathlib import Path
 
+from pipeline import crosstag
+
 log = logging.getLogger(__name__)
 PLOTS = "plots"
 FIGURES = {  # file stem -> (title, caption)
@@ -220,6 +222,9 @@ def make_plots(reports: list[dict], out_dir: Path) -> dict[str, Path]:
         "kl_per_position": plot_kl_by_position(reports, plots / "kl_per_position.png"),
         "loss": plot_loss(reports, plots / "loss.png"),
     }
+    for i, r in enumerate(reports):  # one cross-tag heatmap per run with two or more tags
+        if r.get("crosstag"):
+            made[f"crosstag-{i}"] = crosstag.plot(r["crosstag"], plots / f"crosstag-{i}.png")
     return {k: v for k, v in made.items() if v is not None}
 
 
@@ -266,6 +271,8 @@ def blocks(reports: list[dict], figures: dict[str, Path]) -> list[tuple]:
                  number(s["init_recovery"], 3), number(s.get("train_recovery"), 3), str(s["prompt_tokens_saved"])]
                 for s in r["sets"]
             ]))
+    for i, r in enumerate(reports):
+        out += crosstag.blocks(r, f"{PLOTS}/crosstag-{i}.png" if f"crosstag-{i}" in figures else None)
     for r in reports:
         m = r["metrics"]
         if "plain_drift_kl" in m:  # continued pretraining: the plain-text half of the mixture
@@ -276,7 +283,7 @@ def blocks(reports: list[dict], figures: dict[str, Path]) -> list[tuple]:
                 f"{m['plain_nll_base']:.4f} -> student {m['plain_nll_student']:.4f} nats/token.",
             ))
     out.append(("h2", "Plots"))
-    out += [("img", *FIGURES[stem], f"{PLOTS}/{path.name}") for stem, path in figures.items()]
+    out += [("img", *FIGURES[stem], f"{PLOTS}/{path.name}") for stem, path in figures.items() if stem in FIGURES]
     if "loss" not in figures:
         out.append(("p", "No training loss curve: the train folder's `train_log.json` was not found."))
     for r in reports:
