@@ -67,6 +67,11 @@ class TagPosition(StrEnum):
     random = "random"
 
 
+class PromptPosition(StrEnum):
+    system = "system"  # the system message ahead of the whole input (single requests and conversations)
+    last_user = "last_user"  # a system message right before the last user turn: a tag switched on part way
+
+
 class Mode(StrEnum):
     finetune = "finetune"
     pretrain = "pretrain"
@@ -161,6 +166,7 @@ class InputsConfig:
     max_train: Optional[int] = None  # cap on training inputs (None = all)
     max_heldout: Optional[int] = None  # cap on held-out inputs (None = all)
     synthetic: SyntheticInputsConfig = field(default_factory=SyntheticInputsConfig)
+    prompt_position: PromptPosition = PromptPosition.system  # where the prompt (teacher) and the tag (student) sit: system | last_user (pipeline/conversations.py)
 
 
 @dataclass

@@ -92,12 +92,12 @@ def applies(job) -> bool:
 def _cells(model, tok, heldout, ref, cfg, pairs, system, desc: str, tag_ids=()) -> dict:
     """(A, B) -> per-input summed KL(teacher A || model reading system(B)), on the held-out samples of A."""
     from pipeline.evaluate import continuation_logits, token_kls
-    from pipeline.formats import context_ids
+    from pipeline.formats import context_ids, row_input
 
     sums = {}
     for a, b in pairs:
         rows = heldout[a]
-        contexts = [context_ids(tok, r["input"], system(b), cfg.model.chat) for r in rows]
+        contexts = [context_ids(tok, row_input(r), system(b), cfg.model.chat) for r in rows]
         logits = continuation_logits(model, contexts, [r["output_ids"] for r in rows], tok.pad_token_id,
                                      cfg.evaluate.batch_size, f"{desc} {b[0]} on {a[0]}", list(tag_ids))
         sums[(a, b)] = [kl.sum().item() for kl in token_kls(ref["heldout"][a]["teacher"], logits)]

@@ -22,7 +22,7 @@ import torch
 from datasets import load_from_disk
 from pipeline import card, crosstag, extend, generate, outputs, report as reports, train
 from pipeline.data import gather_positions, pad_examples
-from pipeline.formats import context_ids
+from pipeline.formats import context_ids, row_input
 from pipeline.catalog import tags_of
 from pipeline.losses import bootstrap_interval, full_kl, pooled_mean, pooled_recovery, position_means, recovery, suppress
 from pipeline.probes import probe_report
@@ -90,7 +90,7 @@ def mean_kl(p_logits: list[torch.Tensor], q_logits: list[torch.Tensor]) -> float
 
 def tagged_contexts(job: Job, tok, rows, chat) -> list[list[int]]:
     """Student contexts: the record's tags side by side (in the job's order), then its input."""
-    return [context_ids(tok, r["input"], job.student_tags(tuple(r["tags"])), chat) for r in rows]
+    return [context_ids(tok, row_input(r), job.student_tags(tuple(r["tags"])), chat) for r in rows]
 
 
 @torch.no_grad()
@@ -161,8 +161,8 @@ def reference_scores(base, tok, job: Job, rows_by_set: dict, cfg, split: str) ->
     chat, bs, scored = cfg.model.chat, cfg.evaluate.batch_size, {}
     for tag_set, rows in rows_by_set.items():
         outs, name = [r["output_ids"] for r in rows], f"{split} {'+'.join(tag_set)}"
-        teacher_ctx = [context_ids(tok, r["input"], job.reference_prompt(tag_set), chat) for r in rows]
-        plain_ctx = [context_ids(tok, r["input"], None, chat) for r in rows]
+        teacher_ctx = [context_ids(tok, row_input(r), job.reference_prompt(tag_set), chat) for r in rows]
+        plain_ctx = [context_ids(tok, row_input(r), None, chat) for r in rows]
         teacher = continuation_logits(base, teacher_ctx, outs, tok.pad_token_id, bs, f"teacher {name}")
         effect_tokens = token_kls(teacher, continuation_logits(base, plain_ctx, outs, tok.pad_token_id, bs, f"base {name}"))
         scored[tag_set] = {"teacher": teacher, "effect_tokens": effect_tokens, "teacher_len": sum(map(len, teacher_ctx)) / len(rows)}
@@ -298,7 +298,7 @@ def run(cfg) -> Path:
     per_position["effect_kl"], per_position["count"] = position_means(ref["heldout"][first]["effect_tokens"])
     drift_rows = [r for r in heldout[first] if r["base_output_ids"]]
     drift_outs = [r["base_output_ids"] for r in drift_rows]
-    base_plain = [context_ids(base_tok, r["input"], None, chat) for r in drift_rows]
+    base_plain = [context_ids(base_tok, row_input(r), None, chat) for r in drift_rows]
     base_on_base = continuation_logits(base, base_plain, drift_outs, base_tok.pad_token_id, bs, "base untagged") if drift_rows else None
     # two or more tags: every tag and every other prompt on each prompt's samples (pipeline/crosstag.py)
     cross = {"prompts": crosstag.prompt_cells(base, base_tok, job, heldout, ref, cfg)} if crosstag.applies(job) else None
@@ -311,7 +311,7 @@ def run(cfg) -> Path:
     def untagged_drift(model, tok, prefix: str) -> dict:  # KL(base || model) on the base model's own untagged answers
         if base_on_base is None:
             return {}
-        plain = [context_ids(tok, r["input"], None, chat) for r in drift_rows]
+        plain = [context_ids(tok, row_input(r), None, chat) for r in drift_rows]
         logits = continuation_logits(model, plain, drift_outs, tok.pad_token_id, bs, f"{'init' if prefix else 'student'} untagged", tag_ids)
         return drift_figures(base_on_base, logits, eval_cfg, prefix)
 
