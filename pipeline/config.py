@@ -72,6 +72,12 @@ class PromptPosition(StrEnum):
     last_user = "last_user"  # a system message right before the last user turn: a tag switched on part way
 
 
+class EvalContext(StrEnum):  # evaluation contexts beyond the held-out requests (pipeline/contexts.py)
+    documents = "documents"
+    conversations = "conversations"
+    long = "long"
+
+
 class Mode(StrEnum):
     finetune = "finetune"
     pretrain = "pretrain"
@@ -261,6 +267,8 @@ class EvaluateConfig:
     # the demo's 24 held-out inputs in scored tokens, so both figures have intervals of similar width, for ~30% more time.
     train_examples: int = 32
     resamples: int = 1000  # bootstrap resamples of the inputs for the 95% intervals
+    contexts: list[EvalContext] = field(default_factory=list)  # input sets never trained on: documents, conversations, long (pipeline/contexts.py)
+    context_examples: int = 24  # inputs per context, each answered by the reference teacher at evaluation (generate's sampling)
 
 
 @dataclass

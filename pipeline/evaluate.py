@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from datasets import load_from_disk
-from pipeline import card, crosstag, extend, generate, outputs, report as reports, train
+from pipeline import card, contexts, crosstag, extend, generate, outputs, report as reports, train
 from pipeline.data import gather_positions, pad_examples
 from pipeline.formats import context_ids, row_input
 from pipeline.catalog import tags_of
@@ -32,7 +32,7 @@ from pipeline.metatokens import ConfigError
 from pipeline.models import load_model, load_tokenizer, resolve_model_path
 
 log = logging.getLogger(__name__)
-LATER_DEFAULTS = {"train_examples": 32, "resamples": 1000}  # fields added after evaluations were cached
+LATER_DEFAULTS = {"train_examples": 32, "resamples": 1000, "contexts": [], "context_examples": 24}  # fields added after evaluations were cached
 
 
 def stage_key(cfg, job: Job) -> dict:
@@ -42,6 +42,8 @@ def stage_key(cfg, job: Job) -> dict:
     probes = {t: vars(m.probe) for t, m in job.metatokens.items() if m.probe}
     if probes:  # an edited probe is a new evaluation, never the old counts reused
         key["probes"] = probes
+    if cfg.evaluate.contexts:  # the contexts' inputs, by content
+        key["context_inputs"] = contexts.key(cfg)
     return key
 
 
@@ -302,6 +304,7 @@ def run(cfg) -> Path:
     base_on_base = continuation_logits(base, base_plain, drift_outs, base_tok.pad_token_id, bs, "base untagged") if drift_rows else None
     # two or more tags: every tag and every other prompt on each prompt's samples (pipeline/crosstag.py)
     cross = {"prompts": crosstag.prompt_cells(base, base_tok, job, heldout, ref, cfg)} if crosstag.applies(job) else None
+    ctx_ref = contexts.reference(base, base_tok, job, cfg, contexts.trained_ids(gen_dir)) if cfg.evaluate.contexts else None
     del base
 
     # Every tag the student holds is suppressed (a bootstrapped student's inner tags too), as when it samples.
@@ -325,6 +328,7 @@ def run(cfg) -> Path:
     per_position["residual_kl"] = position_means(residual_tokens["heldout"][first])[0]
     if cross is not None:
         cross["tags"] = crosstag.tag_cells(model, tok, job, heldout, ref, cfg, tag_ids)
+    ctx_residual = contexts.score(model, tok, job, cfg, ctx_ref, tag_ids) if ctx_ref else None
     drift.update(untagged_drift(model, tok, ""))
     del model
 
@@ -346,6 +350,7 @@ def run(cfg) -> Path:
         "metrics": {**(scores[first] if len(sets) == 1 else pooled_headline(heldout, trained, ref, residual_tokens, init_tokens, scores, eval_cfg)), **drift},
         "sets": sets,
         **({"crosstag": crosstag.figures(job, heldout, ref, cross["tags"], cross["prompts"], eval_cfg)} if cross else {}),
+        **({"contexts": contexts.figures(ctx_ref, ctx_residual, ref["heldout"], residual_tokens["heldout"], eval_cfg)} if ctx_ref else {}),
         "intervals": {"level": 0.95, "over": "inputs", "resamples": eval_cfg.resamples, "seed": eval_cfg.seed},
         "drift": drift,
         "samples": samples,
@@ -355,6 +360,8 @@ def run(cfg) -> Path:
     }
     with outputs.atomic_stage_dir(out_dir, "evaluate", stage_key(cfg, job), config=cfg) as (work, manifest):
         outputs.write_json(work / "report.json", report)
+        if ctx_ref:
+            contexts.write_answers(work, ctx_ref)
         reports.render(work)  # report.md, report.html, plots/
         manifest.update(metrics=report["metrics"], sets=sets)
     card.refresh(train_dir, report, cfg, job)  # the train folder's model card gets recovery and drift

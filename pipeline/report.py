@@ -22,7 +22,7 @@ import os
 import re
 from pathlib import Path
 
-from pipeline import crosstag
+from pipeline import contexts, crosstag
 
 log = logging.getLogger(__name__)
 PLOTS = "plots"
@@ -273,6 +273,7 @@ def blocks(reports: list[dict], figures: dict[str, Path]) -> list[tuple]:
             ]))
     for i, r in enumerate(reports):
         out += crosstag.blocks(r, f"{PLOTS}/crosstag-{i}.png" if f"crosstag-{i}" in figures else None)
+        out += contexts.blocks(r)
     for r in reports:
         m = r["metrics"]
         if "plain_drift_kl" in m:  # continued pretraining: the plain-text half of the mixture
