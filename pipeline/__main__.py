@@ -24,7 +24,7 @@ register_configs()
 
 def run_stages(cfg: DictConfig) -> None:
     """Run `cfg.stage` (or every stage for `all`); each stage skips itself when its output exists."""
-    from pipeline import evaluate, extend, generate, outputs, progress, synthesize, train
+    from pipeline import contexts, evaluate, extend, generate, outputs, progress, synthesize, train
     from pipeline.job import job_from_config
     from pipeline.metatokens import ConfigError
     from pipeline.models import start_model_path
@@ -35,6 +35,7 @@ def run_stages(cfg: DictConfig) -> None:
         raise ConfigError(f"stage={cfg.stage!r} is not a stage. Fix: use one of {', '.join(STAGES)} or all.")
     check_values(cfg)  # every range, before anything is read or loaded
     synthesize.check_config(cfg.inputs.synthetic)
+    contexts.check(cfg)  # evaluation contexts: names and files, before the stages ahead of evaluate spend their time
     job = job_from_config(cfg)  # validate the tags, their nesting and the mixture before loading any model
     if cfg.stage in ("all", "train"):
         train.check_config(cfg, job)  # objective, teacher, on-policy settings: before generate spends its hour

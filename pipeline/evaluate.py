@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 from datasets import load_from_disk
-from pipeline import card, extend, generate, outputs, report as reports, train
+from pipeline import card, contexts, crosstag, extend, generate, outputs, report as reports, train
 from pipeline.data import gather_positions, pad_examples
-from pipeline.formats import context_ids
+from pipeline.formats import context_ids, row_input
 from pipeline.catalog import tags_of
 from pipeline.losses import bootstrap_interval, full_kl, pooled_mean, pooled_recovery, position_means, recovery, suppress
 from pipeline.probes import probe_report
@@ -32,7 +32,7 @@ from pipeline.metatokens import ConfigError
 from pipeline.models import load_model, load_tokenizer, resolve_model_path
 
 log = logging.getLogger(__name__)
-LATER_DEFAULTS = {"train_examples": 32, "resamples": 1000, "strengths": []}  # fields added after evaluations were cached
+LATER_DEFAULTS = {"train_examples": 32, "resamples": 1000, "strengths": [], "contexts": [], "context_examples": 24}  # fields added after evaluations were cached
 
 
 def stage_key(cfg, job: Job) -> dict:
@@ -42,6 +42,8 @@ def stage_key(cfg, job: Job) -> dict:
     probes = {t: vars(m.probe) for t, m in job.metatokens.items() if m.probe}
     if probes:  # an edited probe is a new evaluation, never the old counts reused
         key["probes"] = probes
+    if cfg.evaluate.contexts:  # the contexts' inputs, by content
+        key["context_inputs"] = contexts.key(cfg)
     return key
 
 
@@ -90,7 +92,7 @@ def mean_kl(p_logits: list[torch.Tensor], q_logits: list[torch.Tensor]) -> float
 
 def tagged_contexts(job: Job, tok, rows, chat) -> list[list[int]]:
     """Student contexts: the record's tags side by side (in the job's order), then its input."""
-    return [context_ids(tok, r["input"], job.student_tags(tuple(r["tags"])), chat) for r in rows]
+    return [context_ids(tok, row_input(r), job.student_tags(tuple(r["tags"])), chat) for r in rows]
 
 
 @torch.no_grad()
@@ -161,8 +163,8 @@ def reference_scores(base, tok, job: Job, rows_by_set: dict, cfg, split: str) ->
     chat, bs, scored = cfg.model.chat, cfg.evaluate.batch_size, {}
     for tag_set, rows in rows_by_set.items():
         outs, name = [r["output_ids"] for r in rows], f"{split} {'+'.join(tag_set)}"
-        teacher_ctx = [context_ids(tok, r["input"], job.reference_prompt(tag_set), chat) for r in rows]
-        plain_ctx = [context_ids(tok, r["input"], None, chat) for r in rows]
+        teacher_ctx = [context_ids(tok, row_input(r), job.reference_prompt(tag_set), chat) for r in rows]
+        plain_ctx = [context_ids(tok, row_input(r), None, chat) for r in rows]
         teacher = continuation_logits(base, teacher_ctx, outs, tok.pad_token_id, bs, f"teacher {name}")
         effect_tokens = token_kls(teacher, continuation_logits(base, plain_ctx, outs, tok.pad_token_id, bs, f"base {name}"))
         scored[tag_set] = {"teacher": teacher, "effect_tokens": effect_tokens, "teacher_len": sum(map(len, teacher_ctx)) / len(rows)}
@@ -301,8 +303,11 @@ def run(cfg) -> Path:
     per_position["effect_kl"], per_position["count"] = position_means(ref["heldout"][first]["effect_tokens"])
     drift_rows = [r for r in heldout[first] if r["base_output_ids"]]
     drift_outs = [r["base_output_ids"] for r in drift_rows]
-    base_plain = [context_ids(base_tok, r["input"], None, chat) for r in drift_rows]
+    base_plain = [context_ids(base_tok, row_input(r), None, chat) for r in drift_rows]
     base_on_base = continuation_logits(base, base_plain, drift_outs, base_tok.pad_token_id, bs, "base untagged") if drift_rows else None
+    # two or more tags: every tag and every other prompt on each prompt's samples (pipeline/crosstag.py)
+    cross = {"prompts": crosstag.prompt_cells(base, base_tok, job, heldout, ref, cfg)} if crosstag.applies(job) else None
+    ctx_ref = contexts.reference(base, base_tok, job, cfg, contexts.trained_ids(gen_dir)) if cfg.evaluate.contexts else None
     del base
 
     # Every tag the student holds is suppressed (a bootstrapped student's inner tags too), as when it samples.
@@ -312,7 +317,7 @@ def run(cfg) -> Path:
     def untagged_drift(model, tok, prefix: str) -> dict:  # KL(base || model) on the base model's own untagged answers
         if base_on_base is None:
             return {}
-        plain = [context_ids(tok, r["input"], None, chat) for r in drift_rows]
+        plain = [context_ids(tok, row_input(r), None, chat) for r in drift_rows]
         logits = continuation_logits(model, plain, drift_outs, tok.pad_token_id, bs, f"{'init' if prefix else 'student'} untagged", tag_ids)
         return drift_figures(base_on_base, logits, eval_cfg, prefix)
 
@@ -324,6 +329,9 @@ def run(cfg) -> Path:
     tok, model = load_scored_model(train_dir, job, cfg)
     scores, samples, residual_tokens = score_student(model, tok, job, cfg, heldout, trained, ref, tag_ids)
     per_position["residual_kl"] = position_means(residual_tokens["heldout"][first])[0]
+    if cross is not None:
+        cross["tags"] = crosstag.tag_cells(model, tok, job, heldout, ref, cfg, tag_ids)
+    ctx_residual = contexts.score(model, tok, job, cfg, ctx_ref, tag_ids) if ctx_ref else None
     drift.update(untagged_drift(model, tok, ""))
     del model
 
@@ -346,6 +354,8 @@ def run(cfg) -> Path:
         # the headline: a plain run's one set; with several sets, token-weighted over all of them (each is in `sets`)
         "metrics": {**(scores[first] if len(sets) == 1 else pooled_headline(heldout, trained, ref, residual_tokens, init_tokens, scores, eval_cfg)), **drift},
         "sets": sets,
+        **({"crosstag": crosstag.figures(job, heldout, ref, cross["tags"], cross["prompts"], eval_cfg)} if cross else {}),
+        **({"contexts": contexts.figures(ctx_ref, ctx_residual, ref["heldout"], residual_tokens["heldout"], eval_cfg)} if ctx_ref else {}),
         "intervals": {"level": 0.95, "over": "inputs", "resamples": eval_cfg.resamples, "seed": eval_cfg.seed},
         "drift": drift,
         "samples": samples,
@@ -356,6 +366,8 @@ def run(cfg) -> Path:
     }
     with outputs.atomic_stage_dir(out_dir, "evaluate", stage_key(cfg, job), config=cfg) as (work, manifest):
         outputs.write_json(work / "report.json", report)
+        if ctx_ref:
+            contexts.write_answers(work, ctx_ref)
         reports.render(work)  # report.md, report.html, plots/
         manifest.update(metrics=report["metrics"], sets=sets)
     card.refresh(train_dir, report, cfg, job)  # the train folder's model card gets recovery and drift

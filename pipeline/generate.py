@@ -22,9 +22,9 @@ from datasets import Dataset
 
 from pipeline.progress import tqdm  # bars only when someone watches (progress=...)
 
-from pipeline import distributed, outputs, synthesize
+from pipeline import conversations, distributed, outputs, synthesize
 from pipeline.data import load_inputs, split_inputs
-from pipeline.formats import context_ids
+from pipeline.formats import context_ids, row_input
 from pipeline.job import Job, TagSet, job_from_config
 from pipeline.metatokens import ConfigError
 from pipeline.mixture import assign_sets
@@ -38,6 +38,8 @@ REFERENCE = "reference"  # held-out samples come from the base model reading the
 def stage_key(cfg, job: Job) -> dict:
     inputs = {**outputs.plain(cfg.inputs), "file": outputs.file_sha(cfg.inputs.file)}
     inputs.pop("synthetic", None)  # added later: runs without synthetic inputs keep their folders
+    if inputs.get("prompt_position") == "system":  # added later, as the default layout: keys stay
+        inputs.pop("prompt_position")
     if cfg.inputs.synthetic.count > 0:
         inputs["synthetic"] = outputs.key_hash(synthesize.stage_key(cfg, job))
     return {
@@ -230,13 +232,13 @@ def sample_pass(cfg, job: Job, model_path: str, mode: str, groups, heldout_rows,
     model = model_path if cfg.generate.backend == "vllm" else load_model(model_path, cfg.model.dtype, distributed.device(cfg.model))
     chat, base = cfg.model.chat, {}
     if with_base and cfg.generate.base_samples and heldout_rows:  # the model without prompt, for drift and side by side
-        plain = [context_ids(tokenizer, r["text"], None, chat) for r in heldout_rows]
+        plain = [context_ids(tokenizer, row_input(r, "text"), None, chat) for r in heldout_rows]
         sampled = sample_all(model, tokenizer, plain, cfg.generate, "base heldout", shard_root / "base-heldout", cfg.model.dtype)
         base = dict(zip((r["id"] for r in heldout_rows), sampled))
     answers = {}
     for split, tag_set, rows in groups:
         prompt = job.teacher_prompt(tag_set, mode)
-        contexts = [context_ids(tokenizer, r["text"], prompt, chat) for r in rows]
+        contexts = [context_ids(tokenizer, row_input(r, "text"), prompt, chat) for r in rows]
         name = "+".join(t.strip("<>") for t in tag_set) or "untagged"
         answers[(split, tag_set)] = sample_all(
             model, tokenizer, contexts, cfg.generate, f"teacher {split} {name}", shard_root / f"{split}-{name}", cfg.model.dtype
@@ -253,6 +255,8 @@ def run(cfg) -> Path:
         load_inputs(cfg.inputs.file), cfg.inputs.heldout_fraction, cfg.inputs.max_train, cfg.inputs.max_heldout
     )
     train_rows += synthesize.synthetic_rows(cfg, job)  # all to training: evaluation stays on shipped inputs
+    columns = conversations.record_columns(train_rows + heldout_rows, cfg.inputs.prompt_position)  # {} for plain requests
+    train_rows, heldout_rows = ([{**r, **columns(r)} for r in rows] for rows in (train_rows, heldout_rows))
     if cfg.generate.backend not in ("hf", "vllm"):
         raise ConfigError(f"generate.backend is {cfg.generate.backend!r}. Fix: use hf or vllm.")
     chat = cfg.model.chat
@@ -283,6 +287,7 @@ def run(cfg) -> Path:
                         **t,
                         "base_output": decode(b["output_ids"], skip_special_tokens=True) if b else "",
                         "base_output_ids": b["output_ids"] if b else [],
+                        **columns(row),  # conversations: the turns and where the prompt sat
                     }
                 )
         shutil.rmtree(work / "dataset", ignore_errors=True)  # a save cut short by a kill

@@ -22,6 +22,8 @@ import os
 import re
 from pathlib import Path
 
+from pipeline import contexts, crosstag
+
 log = logging.getLogger(__name__)
 PLOTS = "plots"
 FIGURES = {  # file stem -> (title, caption)
@@ -228,6 +230,9 @@ def make_plots(reports: list[dict], out_dir: Path) -> dict[str, Path]:
         from pipeline import strength
 
         made["strength"] = strength.plot(swept[0]["strength"], plots / "strength.png")
+    for i, r in enumerate(reports):  # one cross-tag heatmap per run with two or more tags
+        if r.get("crosstag"):
+            made[f"crosstag-{i}"] = crosstag.plot(r["crosstag"], plots / f"crosstag-{i}.png")
     return {k: v for k, v in made.items() if v is not None}
 
 
@@ -274,6 +279,9 @@ def blocks(reports: list[dict], figures: dict[str, Path]) -> list[tuple]:
                  number(s["init_recovery"], 3), number(s.get("train_recovery"), 3), str(s["prompt_tokens_saved"])]
                 for s in r["sets"]
             ]))
+    for i, r in enumerate(reports):
+        out += crosstag.blocks(r, f"{PLOTS}/crosstag-{i}.png" if f"crosstag-{i}" in figures else None)
+        out += contexts.blocks(r)
     for r in reports:
         m = r["metrics"]
         if "plain_drift_kl" in m:  # continued pretraining: the plain-text half of the mixture
@@ -287,7 +295,7 @@ def blocks(reports: list[dict], figures: dict[str, Path]) -> list[tuple]:
 
     out += strength.report_blocks(reports)  # evaluate.strengths: a table per sweep
     out.append(("h2", "Plots"))
-    out += [("img", *FIGURES[stem], f"{PLOTS}/{path.name}") for stem, path in figures.items()]
+    out += [("img", *FIGURES[stem], f"{PLOTS}/{path.name}") for stem, path in figures.items() if stem in FIGURES]
     if "loss" not in figures:
         out.append(("p", "No training loss curve: the train folder's `train_log.json` was not found."))
     for r in reports:

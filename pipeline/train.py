@@ -35,7 +35,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from pipeline import card, distributed, extend, generate, onpolicy, outputs, progress, tracking
 from pipeline.data import pad_2d, pad_examples
-from pipeline.formats import context_ids
+from pipeline.formats import context_ids, row_input
 from pipeline.losses import full_kl, masked_mean, suppress, token_cross_entropy, topk_bins, topk_kl
 from pipeline.job import Job, job_from_config
 from pipeline.metatokens import ConfigError
@@ -100,7 +100,7 @@ def student_context(job: Job, record: dict, tokenizer, chat: bool, seed: int) ->
     are learned as a set; untagged records get the plain context.
     """
     rng = random.Random(f"{seed}:{record['id']}:{'+'.join(record['tags'])}")
-    return context_ids(tokenizer, record["input"], job.student_tags(tuple(record["tags"]), rng), chat)
+    return context_ids(tokenizer, row_input(record), job.student_tags(tuple(record["tags"]), rng), chat)
 
 
 def build_examples(records, tokenizer, chat: bool, teacher=None, job: Job | None = None, seed: int = 0) -> list[dict]:
@@ -114,11 +114,11 @@ def build_examples(records, tokenizer, chat: bool, teacher=None, job: Job | None
     for r in records:
         examples.append(
             {
-                **({"teacher_suffix_ids": teacher.suffix_ids(r["input"])} if teacher else {}),
+                **({"teacher_suffix_ids": teacher.suffix_ids(row_input(r))} if teacher else {}),
                 "context_ids": student_context(job, r, tokenizer, chat, seed)
                 if job
-                else context_ids(tokenizer, r["input"], "".join(r["tags"]) or None, chat),
-                "plain_context_ids": context_ids(tokenizer, r["input"], None, chat),
+                else context_ids(tokenizer, row_input(r), "".join(r["tags"]) or None, chat),
+                "plain_context_ids": context_ids(tokenizer, row_input(r), None, chat),
                 "output_ids": r["output_ids"],
                 "topk_ids": r["topk_ids"],
                 "topk_logprobs": r["topk_logprobs"],

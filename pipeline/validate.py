@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline import conversations
 from pipeline.data import load_inputs
-from pipeline.formats import context_ids
+from pipeline.formats import context_ids, row_input
 from pipeline.metatokens import ConfigError, Metatoken, check_bootstrap_teacher, inner_tags
 
 # (field, test, what the field must be). Fields absent from a config (None for optional caps) are skipped.
@@ -85,7 +86,7 @@ def check_split(cfg, rows: list[dict]) -> None:
             )
 
 
-def longest_context(tokenizer, rows: list[dict], prompt, chat: bool, candidates: int = 8) -> int:
+def longest_context(tokenizer, rows: list[dict], prompt, chat: bool, candidates: int = 8, position: str = "system") -> int:
     """Tokens of the longest context over the inputs, measured in tokens (not characters).
 
     The inputs are ranked by their own token counts (one batched call); the few longest are laid out
@@ -93,7 +94,7 @@ def longest_context(tokenizer, rows: list[dict], prompt, chat: bool, candidates:
     """
     counts = [len(ids) for ids in tokenizer([r["text"] for r in rows], add_special_tokens=False)["input_ids"]]
     longest = sorted(range(len(rows)), key=lambda i: -counts[i])[:candidates]
-    return max(len(context_ids(tokenizer, rows[i]["text"], prompt, chat)) for i in longest)
+    return max(len(context_ids(tokenizer, row_input({**rows[i], "position": str(position)}, "text"), prompt, chat)) for i in longest)
 
 
 def check_model_path(path: str, field: str = "model.path") -> None:
@@ -118,6 +119,7 @@ def check_job(cfg, metatoken: Metatoken, model_path: str) -> None:
     from transformers import AutoConfig, AutoTokenizer
 
     rows = load_inputs(cfg.inputs.file)
+    conversations.check_config(cfg, rows)  # chat model, finetune, recorded teacher where needed
     check_bootstrap_teacher(cfg, metatoken)
     check_model_path(model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -144,7 +146,7 @@ def check_job(cfg, metatoken: Metatoken, model_path: str) -> None:
     # Held-out inputs (and evaluation) always read the fully expanded prompt: the reference teacher.
     readers = {"teacher": prompt, "reference teacher (held-out samples and evaluation)": metatoken.expanded}
     for reader, text in readers.items():
-        needed = longest_context(tokenizer, rows, text, cfg.model.chat) + cfg.generate.max_new_tokens
+        needed = longest_context(tokenizer, rows, text, cfg.model.chat, position=cfg.inputs.prompt_position) + cfg.generate.max_new_tokens
         if needed > window:
             raise ConfigError(
                 f"{metatoken.source}: the {reader}'s context needs {needed} tokens (prompt, longest input and "

@@ -172,8 +172,9 @@ def no_weights(monkeypatch):
     def refuse(*args, **kwargs):
         pytest.fail("weights were loaded")
 
-    for name in ("models", "generate", "extend", "train", "evaluate", "pretrain", "sample"):
-        module = importlib.import_module(f"pipeline.{name}")
+    # every module imported first: one imported after pipeline.models is patched would bind `refuse` for good
+    modules = [importlib.import_module(f"pipeline.{name}") for name in ("models", "generate", "extend", "train", "evaluate", "pretrain", "sample")]
+    for module in modules:
         if hasattr(module, "load_model"):
             monkeypatch.setattr(module, "load_model", refuse)
 
