@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: help setup demo demo-pretrain lint test test-fast clean bench
+.PHONY: help setup demo demo-pretrain lint test test-fast clean bench bench-quality
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -38,5 +38,8 @@ test-fast: lint  ## lint, then the tests without the real-model chain
 clean:  ## remove stage outputs (keeps the converted model)
 	rm -rf outputs
 
-bench:  ## generation and training throughput under 1k/4k-token prompts -> bench.json
+bench:  ## generation and training throughput under 1k/4k-token prompts -> bench.json (~25 min on 2 CPU cores)
 	$(PY) benchmarks/bench.py
+
+bench-quality:  ## minutes to held-out recovery 0.5-0.9, ours vs HF generate + TRL SFTTrainer (needs .[bench]; ~35 min)
+	$(PY) benchmarks/time_to_quality.py

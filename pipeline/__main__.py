@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from pipeline.config import PROJECT_ROOT, register_configs
-from pipeline.core import pretrain_data
+from pipeline.core import contexts, pretrain_data
 from pipeline.core.job import Job, job_from_config
 from pipeline.core.metatokens import check_hydra_directives
 from pipeline.core.models import start_model_path
@@ -39,6 +39,7 @@ def check_before_running(cfg: DictConfig) -> Job:
         raise ConfigError(f"stage={cfg.stage!r} is not a stage. Fix: use one of {', '.join(STAGES)} or all.")
     check_values(cfg)  # every range, before anything is read or loaded
     synthesize.check_config(cfg.inputs.synthetic)
+    contexts.check(cfg)  # evaluation contexts: names and files, before the stages ahead of evaluate spend their time
     job = job_from_config(cfg)  # validate the tags, their nesting and the mixture before loading any model
     if cfg.stage in ("all", "train"):
         train.check_config(cfg, job)  # objective, teacher, on-policy settings: before generate spends its hour

@@ -67,6 +67,17 @@ class TagPosition(StrEnum):
     random = "random"
 
 
+class PromptPosition(StrEnum):
+    system = "system"  # the system message ahead of the whole input (single requests and conversations)
+    last_user = "last_user"  # a system message right before the last user turn: a tag switched on part way
+
+
+class EvalContext(StrEnum):  # evaluation contexts beyond the held-out requests (pipeline/contexts.py)
+    documents = "documents"
+    conversations = "conversations"
+    long = "long"
+
+
 class Mode(StrEnum):
     finetune = "finetune"
     pretrain = "pretrain"
@@ -161,6 +172,7 @@ class InputsConfig:
     max_train: Optional[int] = None  # cap on training inputs (None = all)
     max_heldout: Optional[int] = None  # cap on held-out inputs (None = all)
     synthetic: SyntheticInputsConfig = field(default_factory=SyntheticInputsConfig)
+    prompt_position: PromptPosition = PromptPosition.system  # where the prompt (teacher) and the tag (student) sit: system | last_user (pipeline/conversations.py)
 
 
 @dataclass
@@ -219,6 +231,7 @@ class TrainConfig:
     onpolicy_temperature: float = II("generate.temperature")  # the student's sampling temperature (default: the teacher's and evaluation's)
     onpolicy_top_p: float = II("generate.top_p")  # the student's nucleus sampling (default: the teacher's and evaluation's)
     teacher_memo_mb: float = 2048  # online: keep each example's teacher logits (it is frozen) up to this many MB, so later epochs skip the teacher; 0 = recompute
+    reference_memo_mb: float = 2048  # keep each example's untagged-term reference logits (the frozen start) up to this many MB, so later epochs skip that forward pass; 0 = recompute
     params: Params = Params.lora  # embedding: only the new rows; lora: LoRA adapters + new rows; full: everything
     epochs: float = 3.0
     max_examples: Optional[int] = None  # train on the first N generated training examples only (None = all): learning curves share one generate run
@@ -255,6 +268,11 @@ class EvaluateConfig:
     # the demo's 24 held-out inputs in scored tokens, so both figures have intervals of similar width, for ~30% more time.
     train_examples: int = 32
     resamples: int = 1000  # bootstrap resamples of the inputs for the 95% intervals
+    # Tag strength sweep (pipeline/strength.py), e.g. [-1,0,0.5,1,1.5,2,3]: KL, probe and fluency of the tag applied by
+    # guidance at each strength; empty = off (and left out of the stage key). Cost: ~2 x 7 x inputs x 48 sampled tokens.
+    strengths: list[float] = field(default_factory=list)
+    contexts: list[EvalContext] = field(default_factory=list)  # input sets never trained on: documents, conversations, long (pipeline/contexts.py)
+    context_examples: int = 24  # inputs per context, each answered by the reference teacher at evaluation (generate's sampling)
 
 
 @dataclass

@@ -172,9 +172,10 @@ def no_weights(monkeypatch):
     def refuse(*args, **kwargs):
         pytest.fail("weights were loaded")
 
-    for name in ("core.models", "stages.generate", "stages.extend", "stages.train", "stages.evaluate",
-                 "cli.sample"):
-        module = importlib.import_module(f"pipeline.{name}")
+    # every module imported first: one imported after pipeline.core.models is patched would bind `refuse` for good
+    names = ("core.models", "stages.generate", "stages.extend", "stages.train", "stages.evaluate", "cli.sample")
+    modules = [importlib.import_module(f"pipeline.{name}") for name in names]
+    for module in modules:
         if hasattr(module, "load_model"):
             monkeypatch.setattr(module, "load_model", refuse)
 

@@ -3,7 +3,7 @@
     python -m pipeline.report                                     # all of outputs/evaluate -> outputs/report/
     python -m pipeline.report outputs/evaluate/pirate-1a2b3c4d5e  # re-render that folder's report in place
 
-The rendering (report.md, a self-contained report.html, PNG plots) is pipeline/runtime/report.py's, the same
+The rendering (report.md, a self-contained report.html, PNG plots) is pipeline/core/report.py's, the same
 that evaluate writes into its own folder.
 """
 from __future__ import annotations
@@ -12,8 +12,8 @@ import argparse
 from pathlib import Path
 
 from pipeline.config import PROJECT_ROOT
+from pipeline.core.report import render
 from pipeline.runtime.outputs import MANIFEST
-from pipeline.runtime.report import render
 
 
 def finished_evaluations(outputs_dir: str | Path) -> list[Path]:

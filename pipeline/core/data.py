@@ -12,11 +12,13 @@ from pathlib import Path
 
 import torch
 
+from pipeline.conversations import check_messages, transcript
 from pipeline.errors import ConfigError
 
 
 def load_inputs(path: str | Path) -> list[dict]:
-    """Read a JSONL file of {"id", "text"} rows, failing on the first bad row with its line number."""
+    """Read a JSONL file of {"id", "text"} rows (or {"id", "messages"}: a conversation, whose "text" becomes its
+    transcript), failing on the first bad row with its line number and field."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"inputs.file: {path} does not exist. Fix: point inputs.file to a JSONL file of id/text rows.")
@@ -29,7 +31,11 @@ def load_inputs(path: str | Path) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise ConfigError(f"{where}: not valid JSON ({err.msg}). Fix: one JSON object per line.") from None
-        for key in ("id", "text"):
+        if isinstance(row, dict) and "messages" in row:  # a conversation (pipeline/conversations.py)
+            if "text" in row:
+                raise ConfigError(f"{where}: the row has both 'text' and 'messages'. Fix: give one of them.")
+            row = {**row, "messages": check_messages(row["messages"], where)}
+        for key in ("id",) if isinstance(row, dict) and "messages" in row else ("id", "text"):
             if not isinstance(row, dict) or not str(row.get(key, "")).strip():
                 raise ConfigError(f"{where}: field '{key}' is missing or empty. Fix: every row needs a non-empty '{key}'.")
         # Ids are compared as the strings they become: 8 and "8" would both be "8" and one row would be lost.
@@ -41,6 +47,9 @@ def load_inputs(path: str | Path) -> list[dict]:
                 f"({type(first).__name__}) on line {first_line}: both are {row_id!r} as strings. Fix: ids must be unique."
             )
         seen[row_id] = (line_no, row["id"])
+        if "messages" in row:
+            rows.append({"id": row_id, "text": transcript(row["messages"]), "messages": row["messages"]})
+            continue
         rows.append({"id": str(row["id"]), "text": str(row["text"]).strip()})
     if not rows:
         raise ConfigError(f"{path}: no rows. Fix: add JSONL rows with 'id' and 'text'.")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+from pipeline.conversations import Conversation, conversation_ids
+
 BASE_PREFIX_SEPARATOR = "\n\n"
 
 
@@ -39,13 +41,26 @@ def special_strings(tokenizer) -> list[str]:
     return [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special]
 
 
-def context_ids(tokenizer, text: str, system: Optional[str], chat: bool) -> list[int]:
+def row_input(row: dict, key: str = "input"):
+    """What a row's context is built from: its text, or a `conversations.Conversation` when the row holds
+    `messages` or its prompt sits elsewhere than the system message (`inputs.prompt_position`)."""
+    messages, position = row.get("messages"), row.get("position") or "system"
+    if not messages and position == "system":
+        return row[key]
+    return Conversation(tuple(messages or [{"role": "user", "content": row[key]}]), position)
+
+
+def context_ids(tokenizer, text, system: Optional[str], chat: bool) -> list[int]:
     """Token ids of `context_text`; base models get their BOS token, chat templates carry their own.
+
+    `text` may also be a `conversations.Conversation` (see `row_input`), laid out turn by turn.
 
     The user's text is always plain text: a request that contains `<pirate>` or `<|im_start|>` gets the
     characters, never the tag or the control token (only `system`, which the pipeline writes, may hold
     tags). Text without any special string is tokenized in one piece, exactly as before.
     """
+    if not isinstance(text, str):
+        return conversation_ids(tokenizer, text, system, chat)
     if not any(s in text for s in special_strings(tokenizer)):
         return tokenizer(context_text(tokenizer, text, system, chat), add_special_tokens=not chat)["input_ids"]
     rendered = context_text(tokenizer, TEXT_MARKER, system, chat)

@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass, replace
 from typing import Optional
 
-from pipeline.core.formats import context_ids
+from pipeline.core.formats import context_ids, row_input
 from pipeline.core.metatokens import expand, job_metatoken, load_registry
 from pipeline.core.mixture import compose_prompt, order_tags
 from pipeline.errors import ConfigError
@@ -121,4 +121,9 @@ def student_context(job: Job, record: dict, tokenizer, chat: bool, seed: int | N
     job's order. Untagged records get the plain context.
     """
     rng = random.Random(f"{seed}:{record['id']}:{'+'.join(record['tags'])}") if seed is not None else None
-    return context_ids(tokenizer, record["input"], job.student_tags(tuple(record["tags"]), rng), chat)
+    return context_ids(tokenizer, row_input(record), job.student_tags(tuple(record["tags"]), rng), chat)
+
+
+def tagged_contexts(job: Job, tok, rows, chat) -> list[list[int]]:
+    """Student contexts of evaluated rows: each row's tags side by side (in the job's order), then its input."""
+    return [student_context(job, r, tok, chat) for r in rows]

@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, DynamicCache, PretrainedConfig
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from pipeline.core.data import gather_positions, pad_examples
+from pipeline.core.data import pad_examples
 from pipeline.core.formats import context_ids
+from pipeline.core.scoring import scored_logits
 
 ATTENTION = "prompt_shared"  # the name our attention function is registered under
 
@@ -260,11 +261,12 @@ class CachedPromptTeacher:
         with self.frozen() as model, reading_prompt(model, self.prompt_kv, size) as past:
             device = model.device
             attention = torch.cat([torch.ones(size, start, dtype=torch.long), batch["attention_mask"]], dim=1)
-            logits = model(
+            return scored_logits(  # the LM head only at the continuation's positions (pipeline/scoring.py)
+                model,
+                batch["output_positions"].to(device),
                 input_ids=batch["input_ids"].to(device),
                 attention_mask=attention.to(device),
                 position_ids=(start + torch.arange(length)).expand(size, -1).to(device),
                 past_key_values=past,
                 use_cache=True,
-            ).logits
-        return gather_positions(logits, batch["output_positions"].to(device))
+            )

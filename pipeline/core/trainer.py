@@ -15,10 +15,10 @@ from transformers import Trainer
 
 from pipeline.core import onpolicy
 from pipeline.core.data import pad_2d, pad_examples
-from pipeline.core.formats import context_ids
+from pipeline.core.formats import context_ids, row_input
 from pipeline.core.job import Job, student_context
 from pipeline.core.losses import full_kl, lm_loss, masked_mean, suppress, token_cross_entropy, topk_bins, topk_kl
-from pipeline.core.scoring import batch_logits, packed_logits
+from pipeline.core.scoring import ReferenceMemo, batch_logits, packed_logits
 from pipeline.runtime import outputs
 
 EMBEDDING_FILE = "embedding.safetensors"  # in LoRA checkpoints: the (tag rows of the) input embedding
@@ -35,11 +35,11 @@ def build_examples(records, tokenizer, chat: bool, teacher=None, job: Job | None
     for r in records:
         examples.append(
             {
-                **({"teacher_suffix_ids": teacher.suffix_ids(r["input"])} if teacher else {}),
+                **({"teacher_suffix_ids": teacher.suffix_ids(row_input(r))} if teacher else {}),
                 "context_ids": student_context(job, r, tokenizer, chat, seed)
                 if job
-                else context_ids(tokenizer, r["input"], "".join(r["tags"]) or None, chat),
-                "plain_context_ids": context_ids(tokenizer, r["input"], None, chat),
+                else context_ids(tokenizer, row_input(r), "".join(r["tags"]) or None, chat),
+                "plain_context_ids": context_ids(tokenizer, row_input(r), None, chat),
                 "output_ids": r["output_ids"],
                 "topk_ids": r["topk_ids"],
                 "topk_logprobs": r["topk_logprobs"],
@@ -110,14 +110,19 @@ def offpolicy_loss(model, batch: dict, tag_ids: list[int], teacher, settings) ->
     return masked_mean(onpolicy.divergence(student, target.to(student.device), settings), batch["output_mask"])
 
 
-def preserve_loss(model, reference, batch: dict, tag_ids: list[int]) -> torch.Tensor:
+def preserve_loss(model, reference, batch: dict, tag_ids: list[int], memo: ReferenceMemo | None = None) -> torch.Tensor:
     """KL(reference || student) on the same inputs without a tag: keeps untagged behaviour in place.
 
     `reference` is a context manager factory that yields the frozen starting model (for LoRA, the
-    same model with its adapters switched off, so no second copy is held in memory).
+    same model with its adapters switched off, so no second copy is held in memory). With a `memo`,
+    each example's reference logits are computed once and read back in later epochs.
     """
-    with torch.no_grad(), reference() as ref:
-        target = batch_logits(ref, batch, tag_ids, "plain_")
+
+    def compute(rows: dict) -> torch.Tensor:
+        with torch.no_grad(), reference() as ref:
+            return batch_logits(ref, rows, tag_ids, "plain_")
+
+    target = compute(batch) if memo is None else memo.logits(compute, batch, tag_ids)
     student = batch_logits(model, batch, tag_ids, "plain_")
     return masked_mean(full_kl(target, student), batch["plain_output_mask"])
 
@@ -154,6 +159,7 @@ class DistillTrainer(Trainer):
         teacher=None,
         onpolicy_settings=None,
         pad_id: int = 0,
+        reference_memo_mb: float = 0,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -164,6 +170,7 @@ class DistillTrainer(Trainer):
         self.tag_ids = tag_ids
         self.untagged_weight = untagged_weight
         self.reference = reference
+        self.reference_memo = ReferenceMemo(reference_memo_mb) if reference_memo_mb > 0 else None
         self.client_optimizers = kwargs.get("optimizers", (None, None))
         self.loss_sum_before = 0.0  # a resumed run: the summed loss of the steps before its checkpoint
 
@@ -228,5 +235,5 @@ class DistillTrainer(Trainer):
                 f"Fix: lower train.lr / train.embedding_lr, or check the generate output for empty samples."
             )
         if self.untagged_weight > 0 and self.reference is not None:
-            loss = loss + self.untagged_weight * preserve_loss(model, self.reference, inputs, self.tag_ids)
+            loss = loss + self.untagged_weight * preserve_loss(model, self.reference, inputs, self.tag_ids, self.reference_memo)
         return (loss, None) if return_outputs else loss

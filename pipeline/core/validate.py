@@ -10,8 +10,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoTokenizer
 
+from pipeline.core import conversations
 from pipeline.core.data import load_inputs, split_inputs
-from pipeline.core.formats import context_ids
+from pipeline.core.formats import context_ids, row_input
 from pipeline.core.metatokens import Metatoken, check_bootstrap_teacher, inner_tags
 from pipeline.errors import ConfigError
 
@@ -85,7 +86,7 @@ def check_split(cfg, rows: list[dict]) -> None:
             )
 
 
-def longest_context(tokenizer, rows: list[dict], prompt, chat: bool, candidates: int = 8) -> int:
+def longest_context(tokenizer, rows: list[dict], prompt, chat: bool, candidates: int = 8, position: str = "system") -> int:
     """Tokens of the longest context over the inputs, measured in tokens (not characters).
 
     The inputs are ranked by their own token counts (one batched call); the few longest are laid out
@@ -93,7 +94,7 @@ def longest_context(tokenizer, rows: list[dict], prompt, chat: bool, candidates:
     """
     counts = [len(ids) for ids in tokenizer([r["text"] for r in rows], add_special_tokens=False)["input_ids"]]
     longest = sorted(range(len(rows)), key=lambda i: -counts[i])[:candidates]
-    return max(len(context_ids(tokenizer, rows[i]["text"], prompt, chat)) for i in longest)
+    return max(len(context_ids(tokenizer, row_input({**rows[i], "position": str(position)}, "text"), prompt, chat)) for i in longest)
 
 
 def check_model_path(path: str, field: str = "model.path") -> None:
@@ -116,6 +117,7 @@ def check_job(cfg, metatoken: Metatoken, model_path: str) -> None:
     - the teacher's context for the longest input (in tokens) fits the model's window (and by how much it does not).
     """
     rows = load_inputs(cfg.inputs.file)
+    conversations.check_config(cfg, rows)  # chat model, finetune, recorded teacher where needed
     check_bootstrap_teacher(cfg, metatoken)
     check_model_path(model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -142,7 +144,7 @@ def check_job(cfg, metatoken: Metatoken, model_path: str) -> None:
     # Held-out inputs (and evaluation) always read the fully expanded prompt: the reference teacher.
     readers = {"teacher": prompt, "reference teacher (held-out samples and evaluation)": metatoken.expanded}
     for reader, text in readers.items():
-        needed = longest_context(tokenizer, rows, text, cfg.model.chat) + cfg.generate.max_new_tokens
+        needed = longest_context(tokenizer, rows, text, cfg.model.chat, position=cfg.inputs.prompt_position) + cfg.generate.max_new_tokens
         if needed > window:
             raise ConfigError(
                 f"{metatoken.source}: the {reader}'s context needs {needed} tokens (prompt, longest input and "

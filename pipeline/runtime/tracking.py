@@ -3,7 +3,7 @@
 Rank 0 alone logs. Train opens a run (job type `train`) with the whole config before the Trainer
 starts; the Trainer's wandb callback then logs losses, learning rate and the throughput that
 `JsonlLog` (below) adds. Evaluate logs its report (figures, metrics, samples table) through
-`log_report`. Runs land in `<paths.outputs>/wandb`;
+`core.report.log_to_wandb`. Runs land in `<paths.outputs>/wandb`;
 `wandb sync` uploads offline runs later.
 """
 from __future__ import annotations
@@ -17,7 +17,6 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from pipeline.runtime import distributed, faults, outputs
-from pipeline.runtime import report as reports
 
 log = logging.getLogger(__name__)
 
@@ -59,38 +58,6 @@ def start(cfg, job_type: str, name: str, group: str):
 def finish(run) -> None:
     if run is not None:
         run.finish()
-
-
-def log_report(report_dir: str | Path, logger_cfg) -> None:
-    """The report's figures, a samples table and the metrics, to a wandb run (offline unless told otherwise).
-
-    Optional by design: a failure here (no network in online mode, a broken install) is a warning,
-    never a lost evaluation; the files on disk are the report.
-    """
-    report_dir = Path(report_dir)
-    try:
-        import wandb
-
-        report = reports.load(report_dir)
-        run = wandb.init(
-            project=logger_cfg.project,
-            name=f"evaluate-{report_dir.name}",
-            job_type="evaluate",
-            mode=os.environ.get("WANDB_MODE", logger_cfg.wandb_mode),
-            dir=str(report_dir.parents[1]),  # outputs/wandb, beside the stage folders
-            config={"tag": reports.label(report), "model": report["model"], "train": report.get("train", {})},
-            reinit="finish_previous",
-        )
-        table = wandb.Table(columns=["input", "base, no prompt", "teacher, full prompt", f"student, {reports.label(report)}"])
-        for s in report["samples"]:
-            table.add_data(s["input"], s["base"], s["teacher"], s["student"])
-        images = {f"report/{p.stem}": wandb.Image(str(p), caption=reports.FIGURES.get(p.stem, ("",))[0])
-                  for p in sorted((report_dir / reports.PLOTS).glob("*.png"))}
-        run.log({**images, "report/samples": table})
-        run.summary.update({f"eval/{k}": v for k, v in report["metrics"].items()})
-        run.finish()
-    except Exception as err:  # noqa: BLE001 - tracking must never cost the evaluation
-        log.warning("wandb: could not log the report (%s); the report files in %s are complete", err, report_dir)
 
 
 class JsonlLog(TrainerCallback):

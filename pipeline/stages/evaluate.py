@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 from datasets import load_from_disk
 
-from pipeline.core import card
+from pipeline.core import card, contexts, crosstag, strength
+from pipeline.core import report as reports
 from pipeline.core.catalog import tags_of
-from pipeline.core.formats import context_ids
-from pipeline.core.job import Job, student_context
+from pipeline.core.formats import context_ids, row_input
+from pipeline.core.job import Job, tagged_contexts
 from pipeline.core.losses import (
     bootstrap_interval,
-    pooled_mean,
     pooled_recovery,
     position_means,
     recovery,
@@ -38,38 +38,11 @@ from pipeline.core.models import load_model, load_tokenizer, resolve_model_path
 from pipeline.core.pretrain_data import plain_texts
 from pipeline.core.probes import probe_report
 from pipeline.core.sampling import sample_answers, sample_student
-from pipeline.core.scoring import continuation_logits, mean_kl, token_kls
-from pipeline.errors import ConfigError
-from pipeline.runtime import outputs, tracking
-from pipeline.runtime import report as reports
+from pipeline.core.scoring import continuation_logits, drift_figures, kl_figures, load_scored_model, mean_kl, token_kls
+from pipeline.runtime import outputs
 from pipeline.stages.paths import StagePaths
 
 log = logging.getLogger(__name__)
-
-
-def tagged_contexts(job: Job, tok, rows, chat) -> list[list[int]]:
-    """Student contexts: the record's tags side by side (in the job's order), then its input."""
-    return [student_context(job, r, tok, chat) for r in rows]
-
-
-def kl_figures(effect_tokens, residual_tokens, eval_cfg, prefix: str = "") -> dict:
-    """Residual and recovery (token-weighted over the inputs) with recovery's 95% bootstrap interval over inputs."""
-    residual = torch.cat(residual_tokens).mean().item()
-    effect = torch.cat(effect_tokens).mean().item()
-    interval = bootstrap_interval(
-        pooled_recovery, [t.sum().item() for t in residual_tokens], [t.sum().item() for t in effect_tokens],
-        resamples=eval_cfg.resamples, seed=eval_cfg.seed,
-    )
-    return {prefix + "residual_kl": residual, prefix + "recovery": recovery(effect, residual), prefix + "recovery_ci": list(interval)}
-
-
-def drift_figures(base_logits, model_logits, eval_cfg, prefix: str = "") -> dict:
-    """Drift KL(base || model) per token on untagged inputs, with its 95% bootstrap interval over inputs."""
-    per_token = token_kls(base_logits, model_logits)
-    interval = bootstrap_interval(
-        pooled_mean, [t.sum().item() for t in per_token], [len(t) for t in per_token], resamples=eval_cfg.resamples, seed=eval_cfg.seed
-    )
-    return {prefix + "drift_kl": torch.cat(per_token).mean().item(), prefix + "drift_kl_ci": list(interval)}
 
 
 def reference_scores(base, tok, job: Job, rows_by_set: dict, cfg, split: str) -> dict:
@@ -81,8 +54,8 @@ def reference_scores(base, tok, job: Job, rows_by_set: dict, cfg, split: str) ->
     chat, bs, scored = cfg.model.chat, cfg.evaluate.batch_size, {}
     for tag_set, rows in rows_by_set.items():
         outs, name = [r["output_ids"] for r in rows], f"{split} {'+'.join(tag_set)}"
-        teacher_ctx = [context_ids(tok, r["input"], job.reference_prompt(tag_set), chat) for r in rows]
-        plain_ctx = [context_ids(tok, r["input"], None, chat) for r in rows]
+        teacher_ctx = [context_ids(tok, row_input(r), job.reference_prompt(tag_set), chat) for r in rows]
+        plain_ctx = [context_ids(tok, row_input(r), None, chat) for r in rows]
         teacher = continuation_logits(base, teacher_ctx, outs, tok.pad_token_id, bs, f"teacher {name}")
         effect_tokens = token_kls(teacher, continuation_logits(base, plain_ctx, outs, tok.pad_token_id, bs, f"base {name}"))
         scored[tag_set] = {"teacher": teacher, "effect_tokens": effect_tokens, "teacher_len": sum(map(len, teacher_ctx)) / len(rows)}
@@ -191,14 +164,6 @@ def pooled_headline(heldout, trained, ref, residual_tokens, init_tokens, scores,
     return headline
 
 
-def load_scored_model(path: Path, job: Job, cfg):
-    tok = load_tokenizer(str(path))
-    missing = [t for t in job.tags if t not in tok.get_vocab()]
-    if missing:
-        raise ConfigError(f"{path}: its tokenizer lacks {missing}. Fix: re-run extend and train with this config.")
-    return tok, load_model(str(path), cfg.model.dtype, cfg.model.device)
-
-
 @dataclass
 class BaseScores:
     """What the base model gives every later score: the reference teacher's logits, and its own untagged answers."""
@@ -206,25 +171,29 @@ class BaseScores:
     ref: dict  # "heldout" / "train" -> set -> reference_scores
     drift_rows: list  # held-out rows of the first set that have a base answer
     base_on_base: list | None  # the base model's logits on its own untagged answers (None: no base answers)
+    cross_prompts: dict | None  # two or more tags: every prompt on each prompt's samples (core/crosstag.py)
+    contexts: dict | None  # evaluate.contexts: the reference teacher on each context's inputs (core/contexts.py)
 
 
-def score_base(cfg, job: Job, heldout: dict, trained: dict) -> BaseScores:
+def score_base(cfg, job: Job, heldout: dict, trained: dict, gen_dir: Path) -> BaseScores:
     base_path = resolve_model_path(cfg.model)
     base_tok = load_tokenizer(base_path)
     base = load_model(base_path, cfg.model.dtype, cfg.model.device)
     ref = {"heldout": reference_scores(base, base_tok, job, heldout, cfg, "heldout"), "train": reference_scores(base, base_tok, job, trained, cfg, "train")}
     drift_rows = [r for r in heldout[job.eval_sets[0]] if r["base_output_ids"]]
-    base_plain = [context_ids(base_tok, r["input"], None, cfg.model.chat) for r in drift_rows]
+    base_plain = [context_ids(base_tok, row_input(r), None, cfg.model.chat) for r in drift_rows]
     drift_outs = [r["base_output_ids"] for r in drift_rows]
     base_on_base = continuation_logits(base, base_plain, drift_outs, base_tok.pad_token_id, cfg.evaluate.batch_size, "base untagged") if drift_rows else None
-    return BaseScores(ref, drift_rows, base_on_base)
+    cross = crosstag.prompt_cells(base, base_tok, job, heldout, ref, cfg) if crosstag.applies(job) else None
+    ctx_ref = contexts.reference(base, base_tok, job, cfg, contexts.trained_ids(gen_dir)) if cfg.evaluate.contexts else None
+    return BaseScores(ref, drift_rows, base_on_base, cross, ctx_ref)
 
 
 def untagged_drift(model, tok, base: BaseScores, cfg, tag_ids: list[int], prefix: str) -> dict:
     """KL(base || model) on the base model's own untagged answers."""
     if base.base_on_base is None:
         return {}
-    plain = [context_ids(tok, r["input"], None, cfg.model.chat) for r in base.drift_rows]
+    plain = [context_ids(tok, row_input(r), None, cfg.model.chat) for r in base.drift_rows]
     outs = [r["base_output_ids"] for r in base.drift_rows]
     name = f"{'init' if prefix else 'student'} untagged"
     logits = continuation_logits(model, plain, outs, tok.pad_token_id, cfg.evaluate.batch_size, name, tag_ids)
@@ -248,19 +217,22 @@ def build_report(cfg, job: Job, paths: StagePaths, heldout, trained, scored: dic
         # the headline: a plain run's one set; with several sets, token-weighted over all of them (each is in `sets`)
         "metrics": {**(scores[first] if len(sets) == 1 else pooled), **scored["drift"]},
         "sets": sets,
+        **({"crosstag": crosstag.figures(job, heldout, ref, scored["cross"]["tags"], scored["cross"]["prompts"], eval_cfg)} if scored["cross"] else {}),
+        **({"contexts": contexts.figures(scored["ctx_ref"], scored["ctx_residual"], ref["heldout"], scored["residual_tokens"]["heldout"], eval_cfg)} if scored["ctx_ref"] else {}),
         "intervals": {"level": 0.95, "over": "inputs", "resamples": eval_cfg.resamples, "seed": eval_cfg.seed},
         "drift": scored["drift"],
         "samples": scored["samples"],
         "per_position": scored["per_position"],
         "output": str(paths["evaluate"]),
         "inputs": {"generate": str(paths["generate"]), "extend": str(paths["extend"]), "train": str(paths["train"])},
+        **({"strength": scored["strength"]} if scored["strength"] is not None else {}),
     }
 
 
-def score_all(cfg, job: Job, paths: StagePaths, heldout: dict, trained: dict) -> dict:
+def score_all(cfg, job: Job, paths: StagePaths, heldout: dict, trained: dict, strengths: list[float]) -> dict:
     """Base, untrained (extended) and trained models, one after another (one model in memory at a time)."""
     first, train_dir = job.eval_sets[0], paths["train"]
-    base = score_base(cfg, job, heldout, trained)
+    base = score_base(cfg, job, heldout, trained, paths["generate"])
     per_position = {}  # mean KL at each continuation position, for the first set (the report's KL plot)
     per_position["effect_kl"], per_position["count"] = position_means(base.ref["heldout"][first]["effect_tokens"])
     # Every tag the student holds is suppressed (a bootstrapped student's inner tags too), as when it samples.
@@ -273,26 +245,36 @@ def score_all(cfg, job: Job, paths: StagePaths, heldout: dict, trained: dict) ->
     tok, model = load_scored_model(train_dir, job, cfg)
     scores, samples, residual_tokens = score_student(model, tok, job, cfg, heldout, trained, base.ref, tag_ids)
     per_position["residual_kl"] = position_means(residual_tokens["heldout"][first])[0]
+    cross = {"prompts": base.cross_prompts, "tags": crosstag.tag_cells(model, tok, job, heldout, base.ref, cfg, tag_ids)} if base.cross_prompts is not None else None
+    ctx_residual = contexts.score(model, tok, job, cfg, base.contexts, tag_ids) if base.contexts else None
     drift.update(untagged_drift(model, tok, base, cfg, tag_ids, ""))
     del model
     if cfg.train.mode == "pretrain":  # drift on held-out plain text, the pretrain mixture's other half
         drift.update(plain_text_scores(cfg, resolve_model_path(cfg.model), train_dir, tag_ids))
+    sweep = None
+    if strengths:  # the tag at several strengths, by guidance (core/strength.py)
+        sweep = strength.sweep(cfg, job, heldout[first], base.ref["heldout"][first], resolve_model_path(cfg.model), train_dir, tag_ids, strengths)
     return {"ref": base.ref, "init": init, "init_tokens": init_tokens, "scores": scores, "samples": samples,
-            "residual_tokens": residual_tokens, "per_position": per_position, "drift": drift}
+            "residual_tokens": residual_tokens, "per_position": per_position, "drift": drift,
+            "cross": cross, "ctx_ref": base.contexts, "ctx_residual": ctx_residual, "strength": sweep}
 
 
 def run(cfg, job: Job, paths: StagePaths) -> Path:
+    strengths = strength.check(cfg, job)  # a bad evaluate.strengths fails here, before any model loads
     out_dir, train_dir = paths["evaluate"], paths["train"]
     outputs.require({"generate": paths["generate"], "extend": paths["extend"], "train": train_dir}, by="evaluate")
     heldout, trained = load_rows(cfg, job, paths["generate"])
-    report = build_report(cfg, job, paths, heldout, trained, score_all(cfg, job, paths, heldout, trained))
+    scored = score_all(cfg, job, paths, heldout, trained, strengths)
+    report = build_report(cfg, job, paths, heldout, trained, scored)
     with outputs.atomic_stage_dir(out_dir, "evaluate", paths.key("evaluate"), config=cfg) as (work, manifest):
         outputs.write_json(work / "report.json", report)
+        if scored["ctx_ref"]:
+            contexts.write_answers(work, scored["ctx_ref"])
         reports.render(work)  # report.md, report.html, plots/
         manifest.update(metrics=report["metrics"], sets=report["sets"])
     card.refresh(train_dir, report, cfg, job)  # the train folder's model card gets recovery and drift
     if cfg.logger.report_to == "wandb":
-        tracking.log_report(out_dir, cfg.logger)
+        reports.log_to_wandb(out_dir, cfg.logger)
     print((out_dir / "report.md").read_text())
     sets, drift = report["sets"], report["drift"]
     each = "" if len(sets) == 1 else " (" + ", ".join(f"{''.join(x['tags'])} {x['recovery']:.3f}" for x in sets) + ")"

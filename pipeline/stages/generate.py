@@ -15,8 +15,9 @@ from pathlib import Path
 
 from datasets import Dataset
 
+from pipeline.core import conversations
 from pipeline.core.data import load_inputs, split_inputs
-from pipeline.core.formats import context_ids
+from pipeline.core.formats import context_ids, row_input
 from pipeline.core.job import Job, TagSet
 from pipeline.core.mixture import assign_sets
 from pipeline.core.models import load_model, load_tokenizer, resolve_model_path, start_model_path
@@ -63,13 +64,13 @@ def sample_pass(cfg, job: Job, model_path: str, mode: str, groups, heldout_rows,
     model = model_path if cfg.generate.backend == "vllm" else load_model(model_path, cfg.model.dtype, distributed.device(cfg.model))
     chat, base = cfg.model.chat, {}
     if with_base and cfg.generate.base_samples and heldout_rows:  # the model without prompt, for drift and side by side
-        plain = [context_ids(tokenizer, r["text"], None, chat) for r in heldout_rows]
+        plain = [context_ids(tokenizer, row_input(r, "text"), None, chat) for r in heldout_rows]
         sampled = sample_all(model, tokenizer, plain, cfg.generate, "base heldout", shard_root / "base-heldout", cfg.model.dtype)
         base = dict(zip((r["id"] for r in heldout_rows), sampled))
     answers = {}
     for split, tag_set, rows in groups:
         prompt = job.teacher_prompt(tag_set, mode)
-        contexts = [context_ids(tokenizer, r["text"], prompt, chat) for r in rows]
+        contexts = [context_ids(tokenizer, row_input(r, "text"), prompt, chat) for r in rows]
         name = "+".join(t.strip("<>") for t in tag_set) or "untagged"
         answers[(split, tag_set)] = sample_all(
             model, tokenizer, contexts, cfg.generate, f"teacher {split} {name}", shard_root / f"{split}-{name}", cfg.model.dtype
@@ -77,7 +78,7 @@ def sample_pass(cfg, job: Job, model_path: str, mode: str, groups, heldout_rows,
     return tokenizer, base, answers
 
 
-def records(groups, answers: dict, base: dict, decoders: dict) -> list[dict]:
+def records(groups, answers: dict, base: dict, decoders: dict, columns) -> list[dict]:
     """The dataset's rows, in plan order (so its order does not depend on the sampling passes)."""
     rows_out = []
     for split, tag_set, rows in groups:
@@ -94,6 +95,7 @@ def records(groups, answers: dict, base: dict, decoders: dict) -> list[dict]:
                     **t,
                     "base_output": decode(b["output_ids"], skip_special_tokens=True) if b else "",
                     "base_output_ids": b["output_ids"] if b else [],
+                    **columns(row),  # conversations: the turns and where the prompt sat
                 }
             )
     return rows_out
@@ -122,6 +124,8 @@ def run(cfg, job: Job, paths: StagePaths) -> Path:
         load_inputs(cfg.inputs.file), cfg.inputs.heldout_fraction, cfg.inputs.max_train, cfg.inputs.max_heldout
     )
     train_rows += synthesize.synthetic_rows(cfg, paths)  # all to training: evaluation stays on shipped inputs
+    columns = conversations.record_columns(train_rows + heldout_rows, cfg.inputs.prompt_position)  # {} for plain requests
+    train_rows, heldout_rows = ([{**r, **columns(r)} for r in rows] for rows in (train_rows, heldout_rows))
     if cfg.generate.backend not in ("hf", "vllm"):
         raise ConfigError(f"generate.backend is {cfg.generate.backend!r}. Fix: use hf or vllm.")
     groups = plan(job, train_rows, heldout_rows, cfg.mixture.seed)
@@ -136,7 +140,7 @@ def run(cfg, job: Job, paths: StagePaths) -> Path:
             base.update(pass_base)
             answers.update(pass_answers)
             decoders.update({(split, s): tokenizer for split, s, _ in own_groups})
-        rows = records(groups, answers, base, decoders)
+        rows = records(groups, answers, base, decoders, columns)
         shutil.rmtree(work / "dataset", ignore_errors=True)  # a save cut short by a kill
         Dataset.from_list(rows).save_to_disk(str(work / "dataset"))
         if distributed.is_main():  # every rank has merged its shards by now (merge_shards is collective)

@@ -15,14 +15,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.core import onpolicy
+from pipeline.core import contexts, onpolicy
 from pipeline.core.job import Job
 from pipeline.core.pretrain_data import data_key
 from pipeline.runtime import distributed, outputs
 
 STAGES = ("synthesize", "generate", "extend", "train", "evaluate")
 REFERENCE = "reference"  # held-out samples come from the base model reading the fully expanded prompt
-LATER_EVALUATE_DEFAULTS = {"train_examples": 32, "resamples": 1000}  # fields added after evaluations were cached
+# evaluate fields added after evaluations were cached: left out of the key while they hold these defaults
+LATER_EVALUATE_DEFAULTS = {"train_examples": 32, "resamples": 1000, "strengths": [], "contexts": [], "context_examples": 24}
 
 
 def synthesize_key(cfg, job: Job) -> dict:
@@ -45,6 +46,8 @@ def generate_settings_key(gen_cfg) -> dict:
 def generate_key(cfg, job: Job) -> dict:
     inputs = {**outputs.plain(cfg.inputs), "file": outputs.file_sha(cfg.inputs.file)}
     inputs.pop("synthetic", None)  # added later: runs without synthetic inputs keep their folders
+    if inputs.get("prompt_position") == "system":  # added later, as the default layout: keys stay
+        inputs.pop("prompt_position")
     if cfg.inputs.synthetic.count > 0:
         inputs["synthetic"] = outputs.key_hash(synthesize_key(cfg, job))
     return {
@@ -73,6 +76,7 @@ def train_key(cfg, job: Job) -> dict:
     train_cfg = outputs.plain(cfg.train)
     train_cfg.pop("report_to", None)  # where logs go does not change the model
     train_cfg.pop("teacher_memo_mb", None)  # nor does keeping teacher logits instead of recomputing them
+    train_cfg.pop("reference_memo_mb", None)  # nor keeping the untagged term's reference logits
     train_cfg.pop("save_total_limit", None)  # nor how many checkpoints are kept on the way
     train_cfg.pop("pretrain", None)
     if train_cfg.get("max_examples") is None:  # added later: runs without a cap keep their folders
@@ -108,6 +112,8 @@ def evaluate_key(cfg, job: Job) -> dict:
     probes = {t: vars(m.probe) for t, m in job.metatokens.items() if m.probe}
     if probes:  # an edited probe is a new evaluation, never the old counts reused
         key["probes"] = probes
+    if cfg.evaluate.contexts:  # the contexts' inputs, by content
+        key["context_inputs"] = contexts.key(cfg)
     return key
 
 

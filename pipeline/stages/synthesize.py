@@ -132,7 +132,7 @@ def write_requests(model, tokenizer, job: Job, cfg, work: Path) -> tuple[list[di
         backend="hf", prompt_cache=True, batch_size=syn.batch_size, max_new_tokens=syn.max_new_tokens,
         temperature=syn.temperature, top_p=syn.top_p, logprobs_top_k=1, seed=syn.seed,
     )
-    shipped_rows = load_inputs(cfg.inputs.file)
+    shipped_rows = [r for r in load_inputs(cfg.inputs.file) if not r.get("messages")]  # requests are the examples
     shipped = [r["text"] for r in shipped_rows]
     # Only training rows are shown as examples: held-out inputs must stay unseen.
     examples = [r["text"] for r in shipped_rows if not is_heldout(r["id"], cfg.inputs.heldout_fraction)]

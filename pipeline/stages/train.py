@@ -215,6 +215,7 @@ def make_trainer(train_cfg, model, args, examples, optimizers, tokenizer, tag_id
         untagged_weight=train_cfg.untagged_weight if train_cfg.params != "embedding" and not pretraining else 0.0,
         reference=None if pretraining else frozen,
         teacher=teacher,
+        reference_memo_mb=train_cfg.reference_memo_mb,
         **(
             {"onpolicy_settings": onpolicy.Settings.from_config(train_cfg), "pad_id": tokenizer.pad_token_id}
             if train_cfg.objective == "onpolicy" and not pretraining

@@ -14,9 +14,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pipeline.__main__ import run_stages
 from pipeline.cli import ls as list_cmd
 from pipeline.cli import sample
+from pipeline.core import report
 from pipeline.core.job import job_from_config
 from pipeline.errors import ConfigError
-from pipeline.runtime import report, tracking
 from pipeline.stages import paths
 from tests.conftest import compose, tiny_overrides, write_tiny_data
 
@@ -218,7 +218,7 @@ def test_report_goes_to_wandb_offline_and_a_wandb_failure_only_warns(run, tmp_pa
     logger = OmegaConf.create({"project": "metatokens", "wandb_mode": "offline"})
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    tracking.log_report(folder, logger)
+    report.log_to_wandb(folder, logger)
     (run_dir,) = (tmp_path / "outputs" / "wandb").glob("offline-run-*")
     images = sorted(p.name.split("_0_")[0] for p in (run_dir / "files" / "media" / "images" / "report").glob("*.png"))
     assert images == ["kl_per_position", "loss", "recovery"]
@@ -227,7 +227,7 @@ def test_report_goes_to_wandb_offline_and_a_wandb_failure_only_warns(run, tmp_pa
     assert inputs == [s["input"] for s in json.loads((folder / "report.json").read_text())["samples"]]
 
     monkeypatch.setattr(wandb, "init", lambda **kw: (_ for _ in ()).throw(RuntimeError("no network")))
-    tracking.log_report(folder, logger)
+    report.log_to_wandb(folder, logger)
     assert "could not log the report (no network)" in caplog.text
 
 

@@ -101,3 +101,9 @@ def test_student_answers_never_hold_a_tag(run):
     assert all(tag in ids for ids in wanted)  # it would write the tag
     _, ids = sampling.sample_answers(model, tok, contexts, run.cfg.generate, [tag])
     assert all(len(i) > 0 and tag not in i for i in ids)
+
+
+def test_a_run_with_one_tag_has_no_cross_tag_matrix(run):
+    """The matrix needs two tags; a single-tag report stays as it was (no field, no section)."""
+    assert "crosstag" not in run.report
+    assert "Cross-tag" not in (paths.output_dir("evaluate", run.cfg, job_from_config(run.cfg)) / "report.md").read_text()

@@ -13,7 +13,7 @@ import base64
 import html
 import json
 import logging
-import math
+import os
 import re
 from pathlib import Path
 
@@ -21,6 +21,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from pipeline.config import PROJECT_ROOT
+from pipeline.core import contexts, crosstag, strength
+from pipeline.runtime.formatting import interval, label, number
 from pipeline.runtime.outputs import write_text
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,9 @@ FIGURES = {  # file stem -> (title, caption)
                         "tag (dotted) and the student with the tag (solid). Where the solid line is below the dashed "
                         "one, the tag does what the prompt did."),
     "loss": ("Training loss", "Training loss per logged step."),
+    "strength": ("Tag strength", "The tag applied at strength s by guidance (untagged + s (tagged - untagged)): recovery, "
+                 "its behaviour probe and the NLL of the guided answers under the base model and the teacher, with 95% "
+                 "bootstrap intervals over the held-out inputs (pipeline/strength.py)."),
 }
 MIN_SHARE = 0.25  # the per-position plot stops where fewer than this share of samples are still that long
 
@@ -52,24 +57,6 @@ def load(report_dir: str | Path) -> dict:
     train_log = Path(report.get("inputs", {}).get("train", "")) / "train_log.json"
     report["train_log"] = json.loads(train_log.read_text()) if train_log.is_file() else []
     return report
-
-
-def label(report: dict) -> str:
-    """`<pirate>`, or `<nice>+<concise>` for a tag set."""
-    return "+".join(report.get("tags") or [report["tag"]])
-
-
-def number(value, digits: int) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    return f"{value:.{digits}f}"
-
-
-def interval(bounds, digits: int) -> str:
-    """A 95% interval as `lo – hi` (n/a when the report predates intervals or it is undefined)."""
-    if not bounds or any(b is None or (isinstance(b, float) and math.isnan(b)) for b in bounds):
-        return "n/a"
-    return f"{bounds[0]:.{digits}f} – {bounds[1]:.{digits}f}"
 
 
 TABLE_HEADERS = [
@@ -217,6 +204,12 @@ def make_plots(reports: list[dict], out_dir: Path) -> dict[str, Path]:
         "kl_per_position": plot_kl_by_position(reports, plots / "kl_per_position.png"),
         "loss": plot_loss(reports, plots / "loss.png"),
     }
+    swept = [r for r in reports if r.get("strength")]
+    if swept:  # the tag-strength sweep (evaluate.strengths), first report holding one
+        made["strength"] = strength.plot(swept[0]["strength"], plots / "strength.png")
+    for i, r in enumerate(reports):  # one cross-tag heatmap per run with two or more tags
+        if r.get("crosstag"):
+            made[f"crosstag-{i}"] = crosstag.plot(r["crosstag"], plots / f"crosstag-{i}.png")
     return {k: v for k, v in made.items() if v is not None}
 
 
@@ -252,7 +245,7 @@ def probe_blocks(reports: list[dict]) -> list[tuple]:
     return out
 
 
-def set_blocks(reports: list[dict]) -> list[tuple]:
+def set_blocks(reports: list[dict], figures: dict[str, Path]) -> list[tuple]:
     """Every tag set of a remix run (trained together or not), and a pretrain run's plain-text drift."""
     out = []
     for r in reports:
@@ -265,6 +258,9 @@ def set_blocks(reports: list[dict]) -> list[tuple]:
                  number(s["init_recovery"], 3), number(s.get("train_recovery"), 3), str(s["prompt_tokens_saved"])]
                 for s in r["sets"]
             ]))
+    for i, r in enumerate(reports):
+        out += crosstag.blocks(r, f"{PLOTS}/crosstag-{i}.png" if f"crosstag-{i}" in figures else None)
+        out += contexts.blocks(r)
     for r in reports:
         m = r["metrics"]
         if "plain_drift_kl" in m:  # continued pretraining: the plain-text half of the mixture
@@ -307,9 +303,10 @@ def blocks(reports: list[dict], figures: dict[str, Path]) -> list[tuple]:
     ("img", title, caption, path relative to the report), ("sample", input, [(heading, text), ...])
     where headings may hold `code` and texts are shown verbatim.
     """
-    out = headline_blocks(reports) + probe_blocks(reports) + set_blocks(reports)
+    out = headline_blocks(reports) + probe_blocks(reports) + set_blocks(reports, figures)
+    out += strength.report_blocks(reports)  # evaluate.strengths: a table per sweep
     out.append(("h2", "Plots"))
-    out += [("img", *FIGURES[stem], f"{PLOTS}/{path.name}") for stem, path in figures.items()]
+    out += [("img", *FIGURES[stem], f"{PLOTS}/{path.name}") for stem, path in figures.items() if stem in FIGURES]
     if "loss" not in figures:
         out.append(("p", "No training loss curve: the train folder's `train_log.json` was not found."))
     for r in reports:
@@ -446,3 +443,35 @@ def render(report_dirs: str | Path | list, out_dir: str | Path | None = None) ->
     write_text(out_dir / "report.md", to_markdown(doc))
     write_text(out_dir / "report.html", to_html(doc, out_dir))
     return {"report.md": out_dir / "report.md", "report.html": out_dir / "report.html", **figures}
+
+
+def log_to_wandb(report_dir: str | Path, logger_cfg) -> None:
+    """The report's figures, a samples table and the metrics, to a wandb run (offline unless told otherwise).
+
+    Optional by design: a failure here (no network in online mode, a broken install) is a warning,
+    never a lost evaluation; the files on disk are the report.
+    """
+    report_dir = Path(report_dir)
+    try:
+        import wandb
+
+        report = load(report_dir)
+        run = wandb.init(
+            project=logger_cfg.project,
+            name=f"evaluate-{report_dir.name}",
+            job_type="evaluate",
+            mode=os.environ.get("WANDB_MODE", logger_cfg.wandb_mode),
+            dir=str(report_dir.parents[1]),  # outputs/wandb, beside the stage folders
+            config={"tag": label(report), "model": report["model"], "train": report.get("train", {})},
+            reinit="finish_previous",
+        )
+        table = wandb.Table(columns=["input", "base, no prompt", "teacher, full prompt", f"student, {label(report)}"])
+        for s in report["samples"]:
+            table.add_data(s["input"], s["base"], s["teacher"], s["student"])
+        images = {f"report/{p.stem}": wandb.Image(str(p), caption=FIGURES.get(p.stem, ("",))[0])
+                  for p in sorted((report_dir / PLOTS).glob("*.png"))}
+        run.log({**images, "report/samples": table})
+        run.summary.update({f"eval/{k}": v for k, v in report["metrics"].items()})
+        run.finish()
+    except Exception as err:  # noqa: BLE001 - tracking must never cost the evaluation
+        log.warning("wandb: could not log the report (%s); the report files in %s are complete", err, report_dir)
