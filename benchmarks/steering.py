@@ -58,9 +58,9 @@ def compose(overrides: list[str]):
 
 def run_folders(cfg, job, overrides: list[str]) -> dict[str, Path]:
     """The finished generate, train and evaluate folders of the run these overrides name (clear error if missing)."""
-    from pipeline.stages import evaluate, generate, train
+    from pipeline.stages import paths
 
-    folders = {"generate": generate.output_dir(cfg, job), "train": train.output_dir(cfg, job), "evaluate": evaluate.output_dir(cfg, job)}
+    folders = {"generate": paths.output_dir("generate", cfg, job), "train": paths.output_dir("train", cfg, job), "evaluate": paths.output_dir("evaluate", cfg, job)}
     for stage, folder in folders.items():
         if not (folder / "manifest.json").is_file():
             raise SystemExit(

@@ -125,7 +125,7 @@ def run_ours(args, folder: Path) -> dict:
     from pipeline.core.job import job_from_config
     from pipeline.core.models import ensure_default_model
     from pipeline.runtime import progress
-    from pipeline.stages import extend
+    from pipeline.stages import paths
 
     ensure_default_model(ROOT / "models" / "smollm2-135m-instruct")
     shutil.rmtree(WORK / "pipeline", ignore_errors=True)  # stages must run, not be read back
@@ -137,7 +137,7 @@ def run_ours(args, folder: Path) -> dict:
     clock.mark("extend")
     from pipeline.core.models import load_tokenizer
 
-    tag_id = load_tokenizer(str(extend.output_dir(cfg, job_from_config(cfg)))).convert_tokens_to_ids(TAG)
+    tag_id = load_tokenizer(str(paths.output_dir("extend", cfg, job_from_config(cfg)))).convert_tokens_to_ids(TAG)
     callback = snapshot_callback(folder / "snapshots", tag_id, args.eval_every, clock)
     attach = progress.attach
     progress.attach = lambda trainer: (attach(trainer), trainer.add_callback(callback))  # the train stage calls it
@@ -247,11 +247,11 @@ def evaluator(args):
     from pipeline.core.job import job_from_config
     from pipeline.core.models import load_model, load_tokenizer
     from pipeline.core.scoring import continuation_logits, token_kls
-    from pipeline.stages import generate
+    from pipeline.stages import paths
 
     cfg = compose(args, "evaluate")
     job = job_from_config(cfg)
-    data = load_from_disk(str(generate.output_dir(cfg, job) / "dataset"))
+    data = load_from_disk(str(paths.output_dir("generate", cfg, job) / "dataset"))
     rows = [r for r in data if r["split"] == "heldout"][: args.heldout]
     path = str(ROOT / "models" / "smollm2-135m-instruct")
     tok, base = load_tokenizer(path), load_model(path)
@@ -266,12 +266,12 @@ def evaluator(args):
 def student_model(args, recipe: str, cfg, job):
     """A fresh model shaped like the recipe's trained one, into which snapshots are loaded."""
     from pipeline.core.models import load_model, load_tokenizer
-    from pipeline.stages import extend
+    from pipeline.stages import paths
 
     if recipe == "ours":
         from pipeline.stages.train import prepare_trainable
 
-        ext = str(extend.output_dir(cfg, job))
+        ext = str(paths.output_dir("extend", cfg, job))
         tok, model = load_tokenizer(ext), load_model(ext)
         model, _ = prepare_trainable(model, cfg.train, [tok.convert_tokens_to_ids(TAG)])
         return tok, model
@@ -325,9 +325,9 @@ def evaluate_recipes(args) -> dict:
         scored[recipe] = {**timeline, "points": [{**p, **evals[str(p["step"])]} for p in timeline["points"]]}
         if recipe == "ours":  # an independent check of the snapshots: the train stage's saved (merged) student
             from pipeline.core.models import load_model
-            from pipeline.stages import train
+            from pipeline.stages import paths
 
-            saved = load_model(str(train.output_dir(cfg, job)))
+            saved = load_model(str(paths.output_dir("train", cfg, job)))
             student = continuation_logits(saved, contexts, outs, tok.pad_token_id, 8, "saved student", [tag_id])
             residual = [t.sum().item() for t in token_kls(teacher, student)]
             scored[recipe]["saved_model_recovery"] = float(pooled_recovery(residual, effect_sums))

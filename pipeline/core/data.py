@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.conversations import check_messages, transcript
+from pipeline.core.conversations import check_messages, transcript
 from pipeline.errors import ConfigError
 
 

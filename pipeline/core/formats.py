@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from pipeline.conversations import Conversation, conversation_ids
+from pipeline.core.conversations import Conversation, conversation_ids
 
 BASE_PREFIX_SEPARATOR = "\n\n"
 

@@ -8,6 +8,7 @@ import pytest
 
 from pipeline.core import contexts
 from pipeline.errors import ConfigError
+from pipeline.stages import paths
 from tests.conftest import compose, tiny_overrides
 
 
@@ -51,11 +52,10 @@ def test_context_inputs(tiny_model, tmp_path):
 def test_contexts_are_out_of_the_key_by_default_and_checked_by_name(pinned_model_content, tmp_path):
     from pipeline.core.job import job_from_config
     from pipeline.runtime import outputs
-    from pipeline.stages import evaluate
 
     def key(*overrides):
         cfg = compose(list(overrides))
-        return outputs.key_hash(evaluate.stage_key(cfg, job_from_config(cfg)))
+        return outputs.key_hash(paths.stage_key("evaluate", cfg, job_from_config(cfg)))
 
     assert key("evaluate.contexts=[]", "evaluate.context_examples=24") == key() == "a59e4b0496"  # the pinned default
     assert key("evaluate.contexts=[documents]") != key()
@@ -73,7 +73,6 @@ def test_a_run_with_contexts_scores_them_like_a_plain_loop(tiny_cfg, tiny_data):
     from pipeline.__main__ import run_stages
     from pipeline.config import PROJECT_ROOT
     from pipeline.core.job import job_from_config
-    from pipeline.stages import evaluate, train
     from tests.conftest import next_token_logprobs, plain_kl
 
     for name in ("documents.jsonl", "conversations.jsonl"):
@@ -81,13 +80,13 @@ def test_a_run_with_contexts_scores_them_like_a_plain_loop(tiny_cfg, tiny_data):
     cfg = tiny_cfg("evaluate.contexts=[documents,conversations,long]", "evaluate.context_examples=3", "evaluate.train_examples=0")
     run_stages(cfg)
     job = job_from_config(cfg)
-    out = evaluate.output_dir(cfg, job)
+    out = paths.output_dir("evaluate", cfg, job)
     report = json.loads((out / "report.json").read_text())
     entries = {e["context"]: e for e in report["contexts"]}
     assert set(entries) == {"documents", "conversations", "long"} and all(e["examples"] == 3 for e in entries.values())
     answers = [json.loads(line) for line in (out / contexts.ANSWERS).read_text().splitlines()]
     base, tok = AutoModelForCausalLM.from_pretrained(cfg.model.path), AutoTokenizer.from_pretrained(cfg.model.path)
-    train_dir = train.output_dir(cfg, job)
+    train_dir = paths.output_dir("train", cfg, job)
     student, stok = AutoModelForCausalLM.from_pretrained(train_dir), AutoTokenizer.from_pretrained(train_dir)
     prompt = (tiny_data / "prompts" / "kind.txt").read_text().strip()
 

@@ -9,6 +9,7 @@ from pipeline.core.conversations import Conversation, check_messages
 from pipeline.core.data import is_heldout, load_inputs
 from pipeline.core.formats import context_ids, row_input
 from pipeline.errors import ConfigError
+from pipeline.stages import paths
 
 PROMPT = "You are a kind and warm assistant who always encourages the user."
 TURNS = ({"role": "user", "content": "How do I boil an egg?"},
@@ -141,13 +142,13 @@ def test_shipped_conversations():
 def test_prompt_position_enters_the_keys_only_off_its_default(pinned_model_content):
     from pipeline.core.job import job_from_config
     from pipeline.runtime import outputs
-    from pipeline.stages import evaluate, generate, train
+    from pipeline.stages import paths
     from tests.conftest import compose
 
     def keys(*overrides):
         cfg = compose(list(overrides))
         job = job_from_config(cfg)
-        return [outputs.key_hash(m.stage_key(cfg, job)) for m in (generate, train, evaluate)]
+        return [outputs.key_hash(paths.stage_key(s, cfg, job)) for s in ("generate", "train", "evaluate")]
 
     default, late = keys(), keys("inputs.prompt_position=last_user")
     assert keys("inputs.prompt_position=system") == default
@@ -163,7 +164,6 @@ def test_a_run_mixing_requests_and_conversations(tiny_cfg, tiny_data):
 
     from pipeline.__main__ import run_stages
     from pipeline.core.job import job_from_config
-    from pipeline.stages import evaluate, generate, train
     from tests.conftest import next_token_logprobs, plain_kl
 
     rows = [json.loads(line) for line in (tiny_data / "inputs" / "requests.jsonl").read_text().splitlines()]
@@ -174,12 +174,12 @@ def test_a_run_mixing_requests_and_conversations(tiny_cfg, tiny_data):
     cfg = tiny_cfg("inputs.prompt_position=last_user", "evaluate.train_examples=0", "inputs.heldout_fraction=0.3")
     run_stages(cfg)
     job = job_from_config(cfg)
-    data = list(load_from_disk(str(generate.output_dir(cfg, job) / "dataset")))
+    data = list(load_from_disk(str(paths.output_dir("generate", cfg, job) / "dataset")))
     assert {r["position"] for r in data} == {"last_user"}
     assert any(r["messages"] for r in data if r["split"] == "train") and any(not r["messages"] for r in data)
-    report = json.loads((evaluate.output_dir(cfg, job) / "report.json").read_text())
+    report = json.loads((paths.output_dir("evaluate", cfg, job) / "report.json").read_text())
     base, tok = AutoModelForCausalLM.from_pretrained(cfg.model.path), AutoTokenizer.from_pretrained(cfg.model.path)
-    train_dir = train.output_dir(cfg, job)
+    train_dir = paths.output_dir("train", cfg, job)
     student, stok = AutoModelForCausalLM.from_pretrained(train_dir), AutoTokenizer.from_pretrained(train_dir)
     banned = [stok.convert_tokens_to_ids("<kind>")]
 

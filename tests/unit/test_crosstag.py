@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pipeline.core import crosstag
+from pipeline.stages import paths
 
 
 def test_margin_retention_on_known_numbers():
@@ -98,7 +99,6 @@ def remix(tiny_model, tmp_path_factory):
 
     from pipeline.__main__ import run_stages
     from pipeline.core.job import job_from_config
-    from pipeline.stages import evaluate, generate, train
     from tests.conftest import compose, tiny_overrides, write_tiny_data
 
     root = tmp_path_factory.mktemp("crosstag")
@@ -114,10 +114,10 @@ def remix(tiny_model, tmp_path_factory):
     ))
     run_stages(cfg)
     job = job_from_config(cfg)
-    out = evaluate.output_dir(cfg, job)
-    rows = [r for r in load_from_disk(str(generate.output_dir(cfg, job) / "dataset")) if r["split"] == "heldout"]
+    out = paths.output_dir("evaluate", cfg, job)
+    rows = [r for r in load_from_disk(str(paths.output_dir("generate", cfg, job) / "dataset")) if r["split"] == "heldout"]
     return SimpleNamespace(cfg=cfg, report=json.loads((out / "report.json").read_text()), out=out, rows=rows,
-                           model=tiny_model, train_dir=train.output_dir(cfg, job))
+                           model=tiny_model, train_dir=paths.output_dir("train", cfg, job))
 
 
 def test_matrix_diagonal_equals_evaluate_recovery(remix):

@@ -151,3 +151,26 @@ def test_no_function_is_longer_than_sixty_lines():
                 if length > MAX_FUNCTION_LINES:
                     wrong.append(f"{path.relative_to(PROJECT_ROOT)}:{node.lineno} {node.name}: {length} lines")
     assert not wrong, f"functions over {MAX_FUNCTION_LINES} lines (split them):\n" + "\n".join(wrong)
+
+
+def test_every_pipeline_import_names_a_module_of_this_package():
+    """An old path (`from pipeline.evaluate import ...`) must fail here, not resolve to another checkout's copy
+    through an editable install."""
+    found = modules()
+    sources = [*found.values(), *sorted((PROJECT_ROOT / "tests").rglob("*.py")), *sorted((PROJECT_ROOT / "benchmarks").glob("*.py"))]
+    wrong = []
+    for path in sources:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "pipeline":
+                targets = [node.module] if node.module in found else []
+                if not targets:
+                    wrong.append(f"{path.relative_to(PROJECT_ROOT)}:{node.lineno} from {node.module}")
+                for alias in node.names:
+                    full = f"{node.module}.{alias.name}"
+                    if node.module in found and found[node.module].name == "__init__.py" and full not in found:
+                        wrong.append(f"{path.relative_to(PROJECT_ROOT)}:{node.lineno} from {node.module} import {alias.name}")
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.split(".")[0] == "pipeline" and alias.name not in found:
+                        wrong.append(f"{path.relative_to(PROJECT_ROOT)}:{node.lineno} import {alias.name}")
+    assert not wrong, "imports of modules this package does not have:\n" + "\n".join(wrong)

@@ -147,7 +147,7 @@ def test_the_study_reproduces_the_evaluate_report_on_a_tiny_run(tiny_cfg, tiny_m
     from tests.conftest import tiny_overrides
 
     run_stages(tiny_cfg("stage=all"))
-    spec = importlib.util.spec_from_file_location("steering_study", Path(__file__).resolve().parents[1] / "benchmarks" / "steering.py")
+    spec = importlib.util.spec_from_file_location("steering_study", Path(__file__).resolve().parents[2] / "benchmarks" / "steering.py")
     study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(study)
     monkeypatch.setattr(study, "RESULTS", tmp_path / "results.json")

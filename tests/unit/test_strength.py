@@ -119,7 +119,7 @@ def test_report_has_the_strength_section_and_plot(run):
 def test_the_option_is_off_by_default_and_out_of_the_stage_key(tiny_cfg):
     cfg = tiny_cfg()
     assert list(cfg.evaluate.strengths) == [] and EvaluateConfig().strengths == []
-    assert "strengths" not in evaluate.evaluate_key(cfg.evaluate)
+    assert "strengths" not in paths.evaluate_settings_key(cfg.evaluate)
     swept = tiny_cfg("evaluate.strengths=[0,2]")
     assert paths.evaluate_settings_key(swept.evaluate)["strengths"] == [0.0, 2.0]  # a sweep is a new evaluation
 
