@@ -498,7 +498,8 @@ def run(cfg) -> Path:
             untagged_weight=train_cfg.untagged_weight if train_cfg.params != "embedding" and not pretraining else 0.0,
             reference=None if pretraining else frozen,
             teacher=teacher,
-            reference_memo_mb=train_cfg.reference_memo_mb,
+            # ZeRO-3: each reference pass gathers the sharded weights with every rank, so no rank may skip one
+            reference_memo_mb=0 if ds_config and ds_config["zero_optimization"]["stage"] == 3 else train_cfg.reference_memo_mb,
             **(
                 {"onpolicy_settings": onpolicy.Settings.from_config(train_cfg), "pad_id": tokenizer.pad_token_id}
                 if train_cfg.objective == "onpolicy" and not pretraining
