@@ -47,7 +47,8 @@ RESULTS = ROOT / "benchmarks" / "time_to_quality.json"
 PLOT = ROOT / "docs" / "benchmarks" / "time_to_quality.png"
 TAG = "<pirate>"
 THRESHOLDS = (0.5, 0.7, 0.8, 0.9)
-RECIPES = ("ours", "peer")
+RECIPES = ("ours", "peer", "peer_low_lr")
+PEER_LOW_LR = 2e-4  # the peer again at a learning rate usual for LoRA SFT (ours, 1e-3, overfits its hard labels)
 
 
 def overrides(args) -> list[str]:
@@ -170,8 +171,10 @@ def add_peer_tag(tokenizer, model) -> int:
     return tokenizer.convert_tokens_to_ids(TAG)
 
 
-def run_peer(args, folder: Path) -> dict:
-    """Per-input `generate` under the prompt, then TRL SFTTrainer + LoRA on the tagged texts."""
+def run_peer(args, folder: Path, lr: float | None = None) -> dict:
+    """Per-input `generate` under the prompt, then TRL SFTTrainer + LoRA on the tagged texts.
+
+    With `lr` (peer_low_lr), the peer's own samples are reused and its generation minutes are counted again."""
     import torch
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -190,7 +193,11 @@ def run_peer(args, folder: Path) -> dict:
     torch.manual_seed(0)
     clock = Clock()
     texts = []
-    for row in rows:
+    if lr is not None:
+        first = WORK / "peer"
+        texts = [s["output"] for s in json.loads((first / "samples.json").read_text())]
+        clock.start -= json.loads((first / "timeline.json").read_text())["marks"]["generate"]
+    for row in rows if lr is None else []:
         ids = torch.tensor([context_ids(tok, row["text"], prompt, chat=True)])
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=cfg.generate.temperature,
                              top_p=cfg.generate.top_p, top_k=0, max_new_tokens=args.new_tokens, pad_token_id=tok.pad_token_id)
@@ -208,7 +215,7 @@ def run_peer(args, folder: Path) -> dict:
     sft = SFTConfig(
         output_dir=str(folder / "trl"), per_device_train_batch_size=t.batch_size, num_train_epochs=t.epochs,
         # warmup as our train stage counts it (int of the ratio times the steps; transformers would round up)
-        learning_rate=t.lr, lr_scheduler_type="cosine", weight_decay=t.weight_decay,
+        learning_rate=t.lr if lr is None else lr, lr_scheduler_type="cosine", weight_decay=t.weight_decay,
         warmup_steps=int(t.warmup_ratio * math.ceil(len(rows) / t.batch_size) * t.epochs),
         bf16=False, gradient_checkpointing=False, use_cpu=True, save_strategy="no", report_to=[], logging_steps=5,
         seed=t.seed, disable_tqdm=True, dataloader_num_workers=0,
@@ -231,7 +238,7 @@ def run_recipe(args, recipe: str) -> None:
         return
     shutil.rmtree(folder, ignore_errors=True)  # a recipe killed mid-run starts over: its clock must be whole
     folder.mkdir(parents=True)
-    info = (run_ours if recipe == "ours" else run_peer)(args, folder)
+    info = run_ours(args, folder) if recipe == "ours" else run_peer(args, folder, PEER_LOW_LR if recipe == "peer_low_lr" else None)
     points = [json.loads(l) for l in (folder / "snapshots" / "points.jsonl").read_text().splitlines()]
     import torch
 
@@ -367,7 +374,8 @@ def plot(scored: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     labels = {"ours": "ours (pipeline default: cached batched sampling, top-k KL + tag row)",
-              "peer": "peer (per-input HF generate, TRL SFTTrainer + LoRA)"}
+              "peer": "peer (per-input HF generate, TRL SFTTrainer + LoRA, lr 1e-3 as ours)",
+              "peer_low_lr": f"peer, lr {PEER_LOW_LR:g} (its samples reused)"}
     for recipe, s in scored.items():
         x = [p["wall_seconds"] / 60 for p in s["points"]]
         y = [p["recovery"] for p in s["points"]]

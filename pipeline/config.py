@@ -231,7 +231,7 @@ class TrainConfig:
     onpolicy_temperature: float = II("generate.temperature")  # the student's sampling temperature (default: the teacher's and evaluation's)
     onpolicy_top_p: float = II("generate.top_p")  # the student's nucleus sampling (default: the teacher's and evaluation's)
     teacher_memo_mb: float = 2048  # online: keep each example's teacher logits (it is frozen) up to this many MB, so later epochs skip the teacher; 0 = recompute
-    reference_memo_mb: float = 2048  # keep each example's untagged-term reference logits (the frozen start) up to this many MB, so later epochs skip that forward pass; 0 = recompute
+    reference_memo_mb: float = 2048  # keep each example's untagged-term reference logits (the frozen start) up to this many MB, so later epochs skip that forward pass; 0 = recompute (always, under ZeRO-3)
     params: Params = Params.lora  # embedding: only the new rows; lora: LoRA adapters + new rows; full: everything
     epochs: float = 3.0
     max_examples: Optional[int] = None  # train on the first N generated training examples only (None = all): learning curves share one generate run

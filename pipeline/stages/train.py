@@ -200,7 +200,9 @@ def training_args(cfg, work: Path, run_name: str, steps: int, ds_config) -> Trai
     )
 
 
-def make_trainer(train_cfg, model, args, examples, optimizers, tokenizer, tag_ids, frozen, teacher) -> DistillTrainer:
+def make_trainer(
+    train_cfg, model, args, examples, optimizers, tokenizer, tag_ids, frozen, teacher, zero3: bool = False
+) -> DistillTrainer:
     """The one Trainer, its objective chosen here: the distillation objective, or `lm` in the pretrain mode."""
     pretraining = train_cfg.mode == "pretrain"
     return DistillTrainer(
@@ -215,7 +217,8 @@ def make_trainer(train_cfg, model, args, examples, optimizers, tokenizer, tag_id
         untagged_weight=train_cfg.untagged_weight if train_cfg.params != "embedding" and not pretraining else 0.0,
         reference=None if pretraining else frozen,
         teacher=teacher,
-        reference_memo_mb=train_cfg.reference_memo_mb,
+        # ZeRO-3: each reference pass gathers the sharded weights with every rank, so no rank may skip one
+        reference_memo_mb=0 if zero3 else train_cfg.reference_memo_mb,
         **(
             {"onpolicy_settings": onpolicy.Settings.from_config(train_cfg), "pad_id": tokenizer.pad_token_id}
             if train_cfg.objective == "onpolicy" and not pretraining
@@ -267,7 +270,10 @@ def run(cfg, job: Job, paths: StagePaths) -> Path:
         args = training_args(cfg, work, out_dir.name, steps, ds_config)
         distributed.check_world_size(args)
         log.info("train: rank %d of world size %d (deepspeed: %s)", args.process_index, args.world_size, bool(ds_config))
-        trainer = make_trainer(train_cfg, model, args, examples, (optimizer, scheduler), tokenizer, tag_ids, frozen, teacher)
+        zero3 = bool(ds_config) and ds_config["zero_optimization"]["stage"] == 3
+        trainer = make_trainer(
+            train_cfg, model, args, examples, (optimizer, scheduler), tokenizer, tag_ids, frozen, teacher, zero3
+        )
         progress.attach(trainer)  # the step bar also shows the loss
         tracking.add_callbacks_first(trainer, tracking.train_callbacks(work, global_batch))
         result, final_loss = fit(trainer, cfg, work, out_dir.name)
