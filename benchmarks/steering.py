@@ -264,8 +264,8 @@ def run(args, overrides: list[str]) -> None:
     }
     save_results(results)
     cells = results.setdefault("cells", {})
-    for layer in layers:
-        for scale in scales:
+    for scale in scales:  # scale-major, in the order given: a study cut short has every layer at the first scales
+        for layer in layers:
             name = f"{args.positions}/L{layer}/x{scale:g}"
             if name in cells and (not args.probe or "probe" in cells[name]):
                 continue
