@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's `pipeline`, whatever the workin
 RESULTS = ROOT / "benchmarks" / "steering_results.json"
 DOCS = ROOT / "docs" / "steering"
 CACHE = ROOT / "outputs" / "steering"  # the vectors (git-ignored with outputs/)
+PAGE_MARKS = ("<!-- table: benchmarks/steering.py table -->", "<!-- /table -->")
 SAMPLES_KEPT = 2  # sampled answers stored per cell, for the page
 
 
@@ -265,8 +266,8 @@ def run(args, overrides: list[str]) -> None:
     }
     save_results(results)
     cells = results.setdefault("cells", {})
-    for layer in layers:
-        for scale in scales:
+    for scale in scales:  # scale-major, in the order given: a study cut short has every layer at the first scales
+        for layer in layers:
             name = f"{args.positions}/L{layer}/x{scale:g}"
             if name in cells and (not args.probe or "probe" in cells[name]):
                 continue
@@ -323,6 +324,11 @@ def table() -> None:
     DOCS.mkdir(parents=True, exist_ok=True)
     (DOCS / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    page = DOCS.parent / "steering.md"  # the page holds the same table between its markers
+    if page.is_file() and PAGE_MARKS[0] in page.read_text():
+        text = page.read_text()
+        head, rest = text.split(PAGE_MARKS[0], 1)
+        page.write_text(head + PAGE_MARKS[0] + "\n" + "\n".join(lines) + "\n" + PAGE_MARKS[1] + rest.split(PAGE_MARKS[1], 1)[1])
     plot(results)
 
 
