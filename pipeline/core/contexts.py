@@ -26,7 +26,7 @@ from datasets import load_from_disk
 from pipeline.core.data import is_heldout, load_inputs
 from pipeline.core.formats import context_ids, row_input
 from pipeline.core.job import tagged_contexts
-from pipeline.core.losses import pooled_recovery
+from pipeline.core.losses import percentile_interval, pooled_recovery
 from pipeline.core.sampling import sample_answers
 from pipeline.core.scoring import continuation_logits, kl_figures, token_kls
 from pipeline.errors import ConfigError
@@ -56,12 +56,7 @@ def transfer_interval(ctx_residual, ctx_effect, held_residual, held_effect, resa
     ci, hi = rng.integers(0, len(cr), size=(resamples, len(cr))), rng.integers(0, len(hr), size=(resamples, len(hr)))
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = pooled_recovery(cr[ci], ce[ci]) / pooled_recovery(hr[hi], he[hi])
-    ratio = ratio[np.isfinite(ratio)]
-    if not len(ratio):
-        return float("nan"), float("nan")
-    tail = (1.0 - level) / 2 * 100
-    low, high = np.percentile(ratio, [tail, 100 - tail])
-    return float(low), float(high)
+    return percentile_interval(ratio, level)
 
 
 def long_input(passage: str, request: str) -> str:

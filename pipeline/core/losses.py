@@ -182,6 +182,11 @@ def bootstrap_interval(statistic, *per_input, resamples: int = 1000, seed: int =
     picks = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
     with np.errstate(divide="ignore", invalid="ignore"):
         values = np.asarray(statistic(*(a[picks] for a in arrays)), dtype=np.float64)
+    return percentile_interval(values, level)
+
+
+def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """The central `level` interval of bootstrap values, ignoring non-finite ones (a resample with no effect)."""
     values = values[np.isfinite(values)]
     if not len(values):
         return float("nan"), float("nan")
