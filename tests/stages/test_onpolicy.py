@@ -3,7 +3,6 @@ import contextlib
 import copy
 import json
 import math
-import shutil
 
 import pytest
 import torch
@@ -17,9 +16,10 @@ from pipeline.core.job import job_from_config
 from pipeline.core.models import load_model, load_tokenizer
 from pipeline.core.teacher import CachedPromptTeacher
 from pipeline.errors import ConfigError
-from pipeline.stages import extend, generate, paths, train
+from pipeline.stages import extend, generate, paths
 from pipeline.stages.extend import extend_model
-from tests.conftest import compose, run_recipe
+from tests.conftest import compose
+from tests.stages.resume import uninterrupted_and_resumed
 from tests.unit.test_losses import brute_force_jsd
 
 PROMPT = "You are a kind and warm assistant who always encourages the user."
@@ -217,26 +217,7 @@ def test_interrupted_onpolicy_training_resumes_to_the_same_weights(tiny_cfg, mon
     for stage in ("generate", "extend"):
         run_stages(tiny_cfg(*overrides, f"stage={stage}"))
     job = job_from_config(cfg)
-    run_recipe(train, cfg)
-    out = paths.output_dir("train", cfg, job)
-    reference = AutoModelForCausalLM.from_pretrained(out).state_dict()
-    shutil.rmtree(out)
-    calls = {"n": 0}
-    original = trainer.DistillTrainer.compute_loss
-
-    def crash_on_third_step(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("simulated stop after the step-2 checkpoint")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(trainer.DistillTrainer, "compute_loss", crash_on_third_step)
-    with pytest.raises(KeyboardInterrupt):
-        run_recipe(train, cfg)
-    assert (out.with_name(f".{out.name}.partial") / "checkpoints" / "checkpoint-2").is_dir()
-    monkeypatch.setattr(trainer.DistillTrainer, "compute_loss", original)
-    run_recipe(train, cfg)
-    resumed = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    reference, resumed = uninterrupted_and_resumed(cfg, job, monkeypatch)
     assert all(torch.allclose(resumed[k], reference[k], atol=1e-6) for k in reference)
     start = AutoModelForCausalLM.from_pretrained(paths.output_dir("extend", cfg, job)).state_dict()
     assert not all(torch.allclose(resumed[k], start[k], atol=1e-4) for k in start)  # training did move the weights

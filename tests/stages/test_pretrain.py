@@ -1,6 +1,5 @@
 """The pretrain mode end to end on the tiny model used as a base LM, resume, and its config errors."""
 import json
-import shutil
 
 import pytest
 import torch
@@ -8,11 +7,11 @@ from transformers import AutoModelForCausalLM
 
 from pipeline.__main__ import run_stages
 from pipeline.config import PROJECT_ROOT
-from pipeline.core import trainer
 from pipeline.core.job import job_from_config
 from pipeline.errors import ConfigError
 from pipeline.stages import paths, train
 from tests.conftest import run_recipe
+from tests.stages.resume import uninterrupted_and_resumed
 
 CORPUS = PROJECT_ROOT / "data" / "corpus" / "plain.jsonl"
 
@@ -104,26 +103,7 @@ def test_interrupted_pretraining_resumes_to_the_same_weights(pretrain_cfg, monke
     for stage in ("generate", "extend"):
         run_stages(pretrain_cfg(*overrides, f"stage={stage}"))
     job = job_from_config(cfg)
-    run_recipe(train, cfg)
-    out = paths.output_dir("train", cfg, job)
-    reference = AutoModelForCausalLM.from_pretrained(out).state_dict()
-    shutil.rmtree(out)
-    calls = {"n": 0}
-    original = trainer.DistillTrainer.compute_loss
-
-    def crash_on_third_step(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("simulated stop after the step-2 checkpoint")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(trainer.DistillTrainer, "compute_loss", crash_on_third_step)
-    with pytest.raises(KeyboardInterrupt):
-        run_recipe(train, cfg)
-    assert (out.with_name(f".{out.name}.partial") / "checkpoints" / "checkpoint-2").is_dir()
-    monkeypatch.setattr(trainer.DistillTrainer, "compute_loss", original)
-    run_recipe(train, cfg)
-    resumed = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    reference, resumed = uninterrupted_and_resumed(cfg, job, monkeypatch)
     assert all(torch.allclose(resumed[k], reference[k], atol=1e-6) for k in reference)
 
 
