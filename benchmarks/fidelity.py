@@ -42,6 +42,10 @@ RUNS: dict[str, tuple[str, float, list[str]]] = {
     "onpolicy-256": ("objective: on-policy", 256, ["train.objective=onpolicy"]),
     "embedding-256": ("params: embedding only", 256, ["train.params=embedding", "train.embedding_lr=0.05"]),
     "untagged0-256": ("untagged weight 0", 256, ["train.untagged_weight=0"]),
+    # The demo's budget (80 inputs, 24 held-out, <= 15 min on 2 cores): what buys more recovery per step.
+    "demo": ("demo recipe", 80, ["experiment=demo"]),
+    "demo-bs2": ("demo: batch 2 (4x the steps)", 80, ["experiment=demo", "train.batch_size=2"]),
+    "demo-lr3": ("demo: lr x3", 80, ["experiment=demo", "train.lr=3e-3", "train.embedding_lr=3e-2"]),
 }
 SUMMARY = re.compile(r"^(synthesize|generate|extend|train|evaluate): .*-> (\S+)$")
 
@@ -129,13 +133,13 @@ def table() -> None:
     results = load_results()
     DOCS.mkdir(parents=True, exist_ok=True)
     lines = [
-        "| run | varies | train inputs | recovery, held-out [95% CI] | recovery, training inputs | probe retention | drift | train s | command |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| run | varies | train inputs | held-out inputs | recovery, held-out [95% CI] | recovery, training inputs | probe retention | drift | train s | command |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, r in results.items():
         m = r["metrics"]
         lines.append(
-            f"| {name} | {r['group']} | {r['train_examples']} | {fmt_ci(m, 'recovery')} | {fmt_ci(m, 'train_recovery')} | "
+            f"| {name} | {r['group']} | {r['train_examples']} | {r['heldout_examples']} | {fmt_ci(m, 'recovery')} | {fmt_ci(m, 'train_recovery')} | "
             f"{probe_retention(m)} | {m.get('drift_kl', float('nan')):.4f} | {r['seconds'].get('train') or '–'} | "
             f"`{r['command']}` |"
         )

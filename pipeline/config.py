@@ -76,6 +76,7 @@ class EvalContext(StrEnum):  # evaluation contexts beyond the held-out requests 
     documents = "documents"
     conversations = "conversations"
     long = "long"
+    plain = "plain"
 
 
 class Mode(StrEnum):
@@ -271,7 +272,7 @@ class EvaluateConfig:
     # Tag strength sweep (pipeline/strength.py), e.g. [-1,0,0.5,1,1.5,2,3]: KL, probe and fluency of the tag applied by
     # guidance at each strength; empty = off (and left out of the stage key). Cost: ~2 x 7 x inputs x 48 sampled tokens.
     strengths: list[float] = field(default_factory=list)
-    contexts: list[EvalContext] = field(default_factory=list)  # input sets never trained on: documents, conversations, long (pipeline/contexts.py)
+    contexts: list[EvalContext] = field(default_factory=list)  # input sets never trained on: documents, conversations, long, plain (pipeline/core/contexts.py)
     context_examples: int = 24  # inputs per context, each answered by the reference teacher at evaluation (generate's sampling)
 
 
@@ -283,6 +284,10 @@ class MixtureConfig:
     order: Order = Order.given  # tag order in the student's context: given | sorted | random (random trains order-invariance)
     join: str = "\n\n"  # how the teacher's prompt for a set joins its members' prompts
     heldout_sets: list[list[str]] = field(default_factory=list)  # extra sets to evaluate (e.g. pairs never trained together)
+    # paired: every training input is answered under every set (weights must be equal), so the tag is the only
+    # difference between the examples of one input; a seeded `untagged` share of inputs is also answered untagged.
+    # K sets x N inputs = K*N examples: compare with an unpaired run of K*N inputs (docs/crosstag.md).
+    paired: bool = False
     seed: int = 0  # for assigning inputs to sets and random tag orders
 
 

@@ -4,7 +4,10 @@
 - `documents`: the shipped document openings (data/inputs/documents.jsonl), each given as a user turn;
 - `conversations`: the shipped conversations (data/inputs/conversations.jsonl), the prompt or tag where
   `inputs.prompt_position` puts it;
-- `long`: a held-out request after a pasted passage of 300+ tokens (shipped document openings joined).
+- `long`: a held-out request after a pasted passage of 300+ tokens (shipped document openings joined);
+- `plain`: the document openings as plain text to continue, with no chat template whatever `model.chat`
+  says (the prompt or the tags ahead of the text, as a base model reads them): a chat-trained tag outside
+  the chat format, and for a base model (`model.chat=false`) its own format.
 Inputs the run trained on are left out. For each context and each evaluated tag set the base model
 reading the set's fully expanded prompt (the reference teacher) answers up to `evaluate.context_examples`
 inputs with generate's sampling settings; then, teacher-forced on those answers, full vocabulary:
@@ -33,9 +36,9 @@ from pipeline.errors import ConfigError
 from pipeline.runtime.formatting import interval, label, number
 from pipeline.runtime.outputs import file_sha
 
-NAMES = ("documents", "conversations", "long")
+NAMES = ("documents", "conversations", "long", "plain")
 LONG_PASSAGE_TOKENS = 300  # the passage ahead of a long input's request is at least this long (in the model's tokens)
-FILES = {"documents": "documents.jsonl", "conversations": "conversations.jsonl"}
+FILES = {"documents": "documents.jsonl", "conversations": "conversations.jsonl", "plain": "documents.jsonl"}
 
 
 # ---------------------------------------------------------------- the math (pure)
@@ -72,7 +75,7 @@ def check(cfg) -> None:
     for name in cfg.evaluate.contexts:
         if str(name) not in NAMES:
             raise ConfigError(f"evaluate.contexts: {name!r} is not a context. Fix: use some of {', '.join(NAMES)}.")
-    for name in {str(n) for n in cfg.evaluate.contexts} & {"documents", "conversations", "long"}:
+    for name in {str(n) for n in cfg.evaluate.contexts}:
         path = Path(cfg.paths.data) / "inputs" / FILES.get(name, FILES["documents"])
         if not path.is_file():
             raise ConfigError(f"evaluate.contexts: {name} reads {path}, which does not exist. Fix: restore the shipped file or drop {name}.")
@@ -108,10 +111,16 @@ def context_rows(name: str, cfg, tokenizer, trained_ids: set) -> list[dict]:
 # ---------------------------------------------------------------- scoring (evaluate's hooks)
 
 
+def chat_of(name: str, cfg) -> bool:
+    """Whether a context's inputs go through the chat template: `plain` never does."""
+    return False if name == "plain" else cfg.model.chat
+
+
 def reference(base, tok, job, cfg, trained_ids: set) -> dict:
     """name -> set -> {"rows", "teacher" logits, "effect_tokens"}: the reference teacher's answers on each context."""
-    chat, bs, scored = cfg.model.chat, cfg.evaluate.batch_size, {}
+    bs, scored = cfg.evaluate.batch_size, {}
     for name in (str(n) for n in cfg.evaluate.contexts):
+        chat = chat_of(name, cfg)
         rows = context_rows(name, cfg, tok, trained_ids)
         if not rows:
             raise ConfigError(f"evaluate.contexts: {name} has no input the run did not train on. Fix: drop {name}.")
@@ -134,7 +143,7 @@ def score(student, tok, job, cfg, ref: dict, tag_ids) -> dict:
         residual[name] = {}
         for tag_set, got in by_set.items():
             rows = [{**r, "tags": list(tag_set)} for r in got["rows"]]
-            logits = continuation_logits(student, tagged_contexts(job, tok, rows, cfg.model.chat), [r["output_ids"] for r in rows],
+            logits = continuation_logits(student, tagged_contexts(job, tok, rows, chat_of(name, cfg)), [r["output_ids"] for r in rows],
                                          tok.pad_token_id, cfg.evaluate.batch_size, f"student {name} {'+'.join(tag_set)}", list(tag_ids))
             residual[name][tag_set] = token_kls(got["teacher"], logits)
     return residual
@@ -174,7 +183,7 @@ def blocks(report: dict) -> list[tuple]:
             for e in entries]),
         ("p", "Inputs the run never trained on: **documents** (document openings given as user turns), **conversations** "
               "(multi-turn, the tag where `inputs.prompt_position` puts it), **long** (a held-out request after a pasted passage "
-              f"of {LONG_PASSAGE_TOKENS}+ tokens). The reference teacher answers each; **recovery** is scored on those answers as "
+              f"of {LONG_PASSAGE_TOKENS}+ tokens), **plain** (document openings continued as plain text, no chat template). The reference teacher answers each; **recovery** is scored on those answers as "
               "on the held-out ones; **transfer** = recovery / held-out recovery (1: the tag works there as where it was "
               "trained), its interval resampling both input sets."),
     ]

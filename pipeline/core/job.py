@@ -27,6 +27,7 @@ class Job:
     eval_sets: tuple[TagSet, ...]  # tag sets scored on held-out inputs
     order: str = "given"  # tag order in a student context: given | sorted | random
     join: str = "\n\n"  # how a set's prompts are joined for the teacher
+    paired: bool = False  # every training input answered under every train set (mixture.paired)
 
     @property
     def tags(self) -> list[str]:
@@ -62,6 +63,7 @@ class Job:
             "weights": list(self.weights),
             "order": self.order,
             "join": self.join,
+            **({"paired": True} if self.paired else {}),  # off by default: older stage keys stay valid
         }
 
 
@@ -83,7 +85,7 @@ def job_from_config(cfg) -> Job:
         sets, weights = [(metatoken.tag,)], [1.0]
         if mix.untagged > 0:
             sets, weights = sets + [()], [1.0 - mix.untagged, mix.untagged]
-        return Job({metatoken.tag: metatoken}, tuple(sets), tuple(weights), ((metatoken.tag,),), mix.order, mix.join)
+        return Job({metatoken.tag: metatoken}, tuple(sets), tuple(weights), ((metatoken.tag,),), mix.order, mix.join, mix.paired)
     if len(mix.weights) != len(mix.sets):
         raise ConfigError(
             f"mixture: {len(mix.sets)} sets but {len(mix.weights)} weights. Fix: give mixture.weights one number per set."
@@ -107,10 +109,15 @@ def job_from_config(cfg) -> Job:
     singles = [(t,) for t in tags]
     eval_sets = tuple(dict.fromkeys(singles + eval_extra))
     weights = list(mix.weights)
+    if mix.paired and len(set(weights)) > 1:
+        raise ConfigError(
+            f"mixture.paired=true answers every training input under every set, so weights {weights} cannot apply. "
+            f"Fix: give every set the same weight, or set mixture.paired=false."
+        )
     if mix.untagged > 0:
         total = sum(weights)
         train_sets, weights = train_sets + [()], [w / total * (1 - mix.untagged) for w in weights] + [mix.untagged]
-    return Job(metatokens, tuple(train_sets), tuple(weights), eval_sets, mix.order, mix.join)
+    return Job(metatokens, tuple(train_sets), tuple(weights), eval_sets, mix.order, mix.join, mix.paired)
 
 
 def student_context(job: Job, record: dict, tokenizer, chat: bool, seed: int | None = None) -> list[int]:

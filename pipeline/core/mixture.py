@@ -1,7 +1,8 @@
 """Remixing: contexts that carry several tags at once, and how much data each tag set gets.
 
 A training mixture is a list of tag sets with weights, plus a share of untagged inputs (which keep
-the model's untagged behaviour in place). The teacher's prompt for a set is the composition of
+the model's untagged behaviour in place). A paired mixture answers every training input under every
+tag set instead, so the tag is the only difference between the examples of one input. The teacher's prompt for a set is the composition of
 its tags' prompts, joined in a configured order; the student reads the tags side by side.
 These are pure functions so their proportions and orders can be tested exactly.
 """
@@ -52,3 +53,20 @@ def assign_sets(row_ids: Sequence[str], sets: Sequence[tuple[str, ...]], weights
         index = next((i for i, c in enumerate(cumulative) if u < c), len(sets) - 1)
         assigned.append(tuple(sets[index]))
     return assigned
+
+
+def pair_sets(row_ids: Sequence[str], tagged_sets: Sequence[tuple[str, ...]], untagged: float, seed: int):
+    """Paired mixture: every input gets every tagged set, and a seeded share `untagged` of inputs also untagged.
+
+    Returns one tuple of tag sets per row. As in `assign_sets`, a row's draw depends only on its id and
+    the seed.
+    """
+    if not tagged_sets:
+        raise ConfigError("mixture.paired needs at least one tag set. Fix: list them in mixture.sets.")
+    if not 0 <= untagged < 1:
+        raise ConfigError(f"mixture.untagged is {untagged}. Fix: use a share in [0, 1).")
+    paired = []
+    for row_id in row_ids:
+        plain = untagged > 0 and random.Random(f"{seed}:{row_id}").random() < untagged
+        paired.append(tuple(tagged_sets) + (((),) if plain else ()))
+    return paired

@@ -19,7 +19,7 @@ from pipeline.core import conversations
 from pipeline.core.data import load_inputs, split_inputs
 from pipeline.core.formats import context_ids, row_input
 from pipeline.core.job import Job, TagSet
-from pipeline.core.mixture import assign_sets
+from pipeline.core.mixture import assign_sets, pair_sets
 from pipeline.core.models import load_model, load_tokenizer, resolve_model_path, start_model_path
 from pipeline.core.sampling import sample_all
 from pipeline.errors import ConfigError
@@ -33,11 +33,17 @@ log = logging.getLogger(__name__)
 def plan(job: Job, train_rows: list[dict], heldout_rows: list[dict], seed: int) -> list[tuple[str, TagSet, list[dict]]]:
     """Which inputs the teacher answers under which tag set: (split, tag set, rows) groups.
 
-    Training inputs are each assigned one set by the mixture's weights; every evaluated set
-    answers all held-out inputs (so sets are compared on the same inputs).
+    Training inputs are each assigned one set by the mixture's weights, or, paired, every tagged set
+    (plus untagged for the untagged share); every evaluated set answers all held-out inputs (so sets
+    are compared on the same inputs).
     """
-    assigned = assign_sets([r["id"] for r in train_rows], job.train_sets, job.weights, seed)
-    groups = [("train", s, [r for r, a in zip(train_rows, assigned) if a == s]) for s in job.train_sets]
+    ids = [r["id"] for r in train_rows]
+    if job.paired:
+        untagged = dict(zip(job.train_sets, job.weights)).get((), 0.0)
+        per_row = pair_sets(ids, [s for s in job.train_sets if s], untagged, seed)
+    else:
+        per_row = [(s,) for s in assign_sets(ids, job.train_sets, job.weights, seed)]
+    groups = [("train", s, [r for r, sets in zip(train_rows, per_row) if s in sets]) for s in job.train_sets]
     groups += [("heldout", s, heldout_rows) for s in job.eval_sets]
     return [g for g in groups if g[2]]
 

@@ -72,25 +72,28 @@ def test_a_run_with_contexts_scores_them_like_a_plain_loop(tiny_cfg, tiny_data):
 
     from pipeline.__main__ import run_stages
     from pipeline.config import PROJECT_ROOT
+    from pipeline.core.formats import BASE_PREFIX_SEPARATOR
     from pipeline.core.job import job_from_config
     from tests.conftest import next_token_logprobs, plain_kl
 
     for name in ("documents.jsonl", "conversations.jsonl"):
         shutil.copy(PROJECT_ROOT / "data" / "inputs" / name, tiny_data / "inputs" / name)
-    cfg = tiny_cfg("evaluate.contexts=[documents,conversations,long]", "evaluate.context_examples=3", "evaluate.train_examples=0")
+    cfg = tiny_cfg("evaluate.contexts=[documents,conversations,long,plain]", "evaluate.context_examples=3", "evaluate.train_examples=0")
     run_stages(cfg)
     job = job_from_config(cfg)
     out = paths.output_dir("evaluate", cfg, job)
     report = json.loads((out / "report.json").read_text())
     entries = {e["context"]: e for e in report["contexts"]}
-    assert set(entries) == {"documents", "conversations", "long"} and all(e["examples"] == 3 for e in entries.values())
+    assert set(entries) == {"documents", "conversations", "long", "plain"} and all(e["examples"] == 3 for e in entries.values())
     answers = [json.loads(line) for line in (out / contexts.ANSWERS).read_text().splitlines()]
     base, tok = AutoModelForCausalLM.from_pretrained(cfg.model.path), AutoTokenizer.from_pretrained(cfg.model.path)
     train_dir = paths.output_dir("train", cfg, job)
     student, stok = AutoModelForCausalLM.from_pretrained(train_dir), AutoTokenizer.from_pretrained(train_dir)
     prompt = (tiny_data / "prompts" / "kind.txt").read_text().strip()
 
-    def ctx(t, a, system):  # the chat template by hand
+    def ctx(t, a, system):  # the chat template by hand; `plain` reads raw text, the prompt or tag ahead of it
+        if a["context"] == "plain":
+            return t(a["input"] if system is None else system + BASE_PREFIX_SEPARATOR + a["input"])["input_ids"]
         turns = ([{"role": "system", "content": system}] if system else []) + (a.get("messages") or [{"role": "user", "content": a["input"]}])
         return t(t.apply_chat_template(turns, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
 

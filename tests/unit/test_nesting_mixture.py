@@ -256,3 +256,39 @@ def test_heldout_set_that_is_also_trained_is_rejected(tiny_cfg, tiny_data, sets,
     cfg = tiny_cfg(f"paths.metatokens={conf}", f"mixture.sets={sets}", "mixture.weights=[1,1]", f"mixture.heldout_sets={heldout}")
     with pytest.raises(ConfigError, match=r"mixture.heldout_sets: \[\[.*\]\] also appear in mixture.sets .*Fix: remove them"):
         job_from_config(cfg)
+
+
+def test_paired_plan_gives_every_input_every_set_and_an_untagged_share():
+    from pipeline.core.job import Job
+    from pipeline.stages.generate import plan
+
+    sets = (("<a>",), ("<b>",), ("<a>", "<b>"), ())
+    job = Job({t: Metatoken(t, "p", "x") for t in ("<a>", "<b>")}, sets, (0.3, 0.3, 0.3, 0.1), (("<a>",),), paired=True)
+    train = [{"id": f"r{i}"} for i in range(2000)]
+    groups = {(split, s): [r["id"] for r in rows] for split, s, rows in plan(job, train, [{"id": "h"}], seed=2)}
+    ids = [r["id"] for r in train]
+    for s in sets[:3]:  # every tagged set answers every input, in input order
+        assert groups[("train", s)] == ids
+    untagged = groups[("train", ())]
+    sd = math.sqrt(2000 * 0.1 * 0.9)
+    assert abs(len(untagged) - 200) < 4 * sd and len(set(untagged)) == len(untagged)
+    assert groups[("heldout", ("<a>",))] == ["h"]
+    # stable when inputs are added, and the unpaired plan still gives each input one set
+    more = {(sp, s): [r["id"] for r in rows] for sp, s, rows in plan(job, train + [{"id": "new"}], [], seed=2)}
+    assert [i for i in more[("train", ())] if i != "new"] == untagged
+    unpaired = Job(job.metatokens, sets, job.weights, job.eval_sets)
+    counts = collections.Counter(i for sp, s, rows in plan(unpaired, train, [], seed=2) for i in (r["id"] for r in rows))
+    assert set(counts.values()) == {1}
+
+
+def test_paired_key_and_unequal_weights(tiny_cfg, tiny_data):
+    conf = tiny_data / "metatokens"
+    conf.mkdir()
+    (conf / "kind.yaml").write_text('tag: "<kind>"\nprompt: Be kind.\n')
+    (conf / "fox.yaml").write_text('tag: "<fox>"\nprompt: Mention the fox.\n')
+    base = [f"paths.metatokens={conf}", "mixture.sets=[[kind],[fox]]"]
+    plain = job_from_config(tiny_cfg(*base, "mixture.weights=[1,1]"))
+    paired = job_from_config(tiny_cfg(*base, "mixture.weights=[1,1]", "mixture.paired=true"))
+    assert "paired" not in plain.key() and paired.key() == {**plain.key(), "paired": True}
+    with pytest.raises(ConfigError, match=r"mixture.paired=true .* weights \[1.0, 2.0\] .*Fix: give every set the same weight"):
+        job_from_config(tiny_cfg(*base, "mixture.weights=[1,2]", "mixture.paired=true"))
