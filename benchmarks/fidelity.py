@@ -9,6 +9,7 @@ Results (the evaluate report's numbers, the stage timings, the command) go to
     python benchmarks/fidelity.py list                      # the runs, and which are finished
     python benchmarks/fidelity.py run data-256 data-64      # run (or reuse) named runs, in order
     python benchmarks/fidelity.py table                     # docs/fidelity/table.md + learning_curve.png
+    python benchmarks/fidelity.py compare demo demo-bs2     # B - A recovery on the same inputs, paired interval
 
 Runs on the CPU use `OMP_NUM_THREADS` from the environment (set it to 1 on a shared machine).
 """
@@ -46,6 +47,9 @@ RUNS: dict[str, tuple[str, float, list[str]]] = {
     "demo": ("demo recipe", 80, ["experiment=demo"]),
     "demo-bs2": ("demo: batch 2 (4x the steps)", 80, ["experiment=demo", "train.batch_size=2"]),
     "demo-lr3": ("demo: lr x3", 80, ["experiment=demo", "train.lr=3e-3", "train.embedding_lr=3e-2"]),
+    "demo-untagged0": ("demo: untagged weight 0", 80, ["experiment=demo", "train.untagged_weight=0"]),
+    "demo-e6": ("demo: 6 epochs", 80, ["experiment=demo", "train.epochs=6"]),
+    "demo-160": ("demo: 160 inputs", 160, ["experiment=demo", "inputs.max_train=160"]),
 }
 SUMMARY = re.compile(r"^(synthesize|generate|extend|train|evaluate): .*-> (\S+)$")
 
@@ -84,7 +88,7 @@ def run_one(name: str) -> dict:
     folders = pipeline(name, [*COMMON, *overrides])
     eval_dir = folders["evaluate"]
     report = json.loads((eval_dir / "report.json").read_text())
-    if "recovery_ci" not in report["metrics"]:  # scored before intervals and probes existed: score again
+    if "recovery_ci" not in report["metrics"] or "per_input" not in report:  # scored before these existed: score again
         args = [a for a in COMMON if not a.startswith("stage=")] + overrides + ["stage=evaluate", "force=true"]
         eval_dir = pipeline(name, args)["evaluate"]
         report = json.loads((eval_dir / "report.json").read_text())
@@ -101,6 +105,7 @@ def run_one(name: str) -> dict:
         "seconds": {stage: stage_seconds(f) for stage, f in folders.items() if stage != "evaluate"},
         "wall_seconds_this_call": round(time.time() - started, 1),
         "evaluate_dir": str(eval_dir.relative_to(ROOT)),
+        "per_input": next(iter(report["per_input"].values())),  # held-out KL sums per input, for `compare`
     }
 
 
@@ -115,6 +120,22 @@ def run(names: list[str]) -> None:
         tmp = RESULTS.with_suffix(".tmp")
         tmp.write_text(json.dumps(results, indent=2) + "\n")
         tmp.replace(RESULTS)  # atomic: a killed study keeps every finished run
+
+
+def compare(a: str, b: str) -> None:
+    """Recovery of run b minus run a, on the same held-out inputs, with the paired bootstrap interval."""
+    sys.path.insert(0, str(ROOT))
+    from pipeline.core.losses import paired_difference
+
+    results = load_results()
+    missing = [n for n in (a, b) if "per_input" not in results.get(n, {})]
+    if missing:
+        raise SystemExit(f"fidelity: {missing} have no per-input sums. Fix: python benchmarks/fidelity.py run {' '.join(missing)}")
+    ra, rb = results[a]["per_input"], results[b]["per_input"]
+    if [e["id"] for e in ra] != [e["id"] for e in rb]:
+        raise SystemExit(f"fidelity: {a} and {b} were scored on different held-out inputs; a paired difference needs the same ones.")
+    diff, low, high = paired_difference(*([e[k] for e in rows] for rows in (ra, rb) for k in ("residual", "effect")))
+    print(f"{b} - {a}: recovery {diff:+.3f} [{low:+.3f}, {high:+.3f}] (95%, {len(ra)} inputs resampled jointly)")
 
 
 def probe_retention(metrics: dict) -> str:
@@ -185,7 +206,7 @@ def plot(results: dict) -> None:
 
 
 def main(argv: list[str]) -> None:
-    if not argv or argv[0] not in ("list", "run", "table"):
+    if not argv or argv[0] not in ("list", "run", "table", "compare"):
         raise SystemExit(__doc__)
     if argv[0] == "list":
         done = load_results()
@@ -193,8 +214,12 @@ def main(argv: list[str]) -> None:
             print(f"{'done' if name in done else '    '}  {name:15s} {group:32s} {' '.join(overrides)}")
     elif argv[0] == "run":
         run(argv[1:])
-    else:
+    elif argv[0] == "compare" and len(argv) == 3:
+        compare(argv[1], argv[2])
+    elif argv[0] == "table":
         table()
+    else:
+        raise SystemExit(__doc__)
 
 
 if __name__ == "__main__":

@@ -185,6 +185,22 @@ def bootstrap_interval(statistic, *per_input, resamples: int = 1000, seed: int =
     return percentile_interval(values, level)
 
 
+def paired_difference(residual_a, effect_a, residual_b, effect_b, resamples: int = 1000, seed: int = 0):
+    """Recovery of run B minus run A on the same inputs, with its 95% interval (inputs resampled jointly).
+
+    Both runs must score the same inputs in the same order (their teacher samples may differ: each run's
+    effect is its own). Resampling an input moves both runs' numbers together, so what the inputs share
+    cancels and the interval is narrower than the two runs' own intervals side by side.
+    Returns (difference, low, high).
+    """
+    def statistic(ra, ea, rb, eb):
+        return pooled_recovery(rb, eb) - pooled_recovery(ra, ea)
+
+    arrays = [np.asarray(a, dtype=np.float64) for a in (residual_a, effect_a, residual_b, effect_b)]
+    low, high = bootstrap_interval(statistic, *arrays, resamples=resamples, seed=seed)
+    return float(statistic(*arrays)), low, high
+
+
 def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     """The central `level` interval of bootstrap values, ignoring non-finite ones (a resample with no effect)."""
     values = values[np.isfinite(values)]

@@ -221,6 +221,10 @@ def build_report(cfg, job: Job, paths: StagePaths, heldout, trained, scored: dic
         **({"contexts": contexts.figures(scored["ctx_ref"], scored["ctx_residual"], ref["heldout"], scored["residual_tokens"]["heldout"], eval_cfg)} if scored["ctx_ref"] else {}),
         "intervals": {"level": 0.95, "over": "inputs", "resamples": eval_cfg.resamples, "seed": eval_cfg.seed},
         "drift": scored["drift"],
+        # each held-out input's KLs summed over its tokens: runs on the same inputs compare pairwise (losses.paired_difference)
+        "per_input": {"+".join(s): [{"id": r["id"], "effect": e.sum().item(), "residual": x.sum().item(), "tokens": len(e)}
+                                    for r, e, x in zip(heldout[s], ref["heldout"][s]["effect_tokens"], scored["residual_tokens"]["heldout"][s])]
+                      for s in job.eval_sets},
         "samples": scored["samples"],
         "per_position": scored["per_position"],
         "output": str(paths["evaluate"]),

@@ -72,6 +72,13 @@ def test_heldout_and_train_input_recovery_equal_a_plain_loop(run):
         low, high = bootstrap_interval(pooled_recovery, residuals, effects, resamples=1000, seed=0)
         assert m[key + "_ci"] == [pytest.approx(low, abs=1e-4), pytest.approx(high, abs=1e-4)], key
         assert low <= m[key] <= high
+    # the per-input sums the report keeps for paired comparisons are the plain loop's, input by input
+    effects, residuals = plain_loop(run, heldout)
+    (per_input,) = run.report["per_input"].values()
+    assert [e["id"] for e in per_input] == [r["id"] for r in heldout]
+    assert [e["effect"] for e in per_input] == pytest.approx(effects, abs=1e-4)
+    assert [e["residual"] for e in per_input] == pytest.approx(residuals, abs=1e-4)
+    assert [e["tokens"] for e in per_input] == [len(r["output_ids"]) for r in heldout]
     tokens = sum(len(r["output_ids"]) for r in trained)
     assert m["train_effect_kl"] == pytest.approx(sum(plain_loop(run, trained)[0]) / tokens, abs=1e-5)
 

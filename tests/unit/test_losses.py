@@ -197,3 +197,16 @@ def test_bootstrap_interval_drops_undefined_resamples_and_handles_no_inputs():
     # input B has no tokens: resamples of only B are undefined (0/0) and left out; the rest give 2.0.
     assert bootstrap_interval(pooled_mean, [2.0, 0.0], [1.0, 0.0], seed=0) == (pytest.approx(2.0), pytest.approx(2.0))
     assert all(math.isnan(v) for v in bootstrap_interval(pooled_mean, [], []))
+
+
+def test_paired_difference_on_cases_with_known_answers():
+    from pipeline.core.losses import paired_difference
+
+    # A recovers 0.5 on each of two inputs; B recovers 1 on the first and 0 on the second. Resamples:
+    # (1,1) -> +0.5 (p 1/4), (2,2) -> -0.5 (p 1/4), one of each -> 0 (p 1/2): the interval is [-0.5, 0.5].
+    diff, low, high = paired_difference([1, 1], [2, 2], [0, 2], [2, 2], resamples=2000)
+    assert (diff, low, high) == (pytest.approx(0.0), pytest.approx(-0.5), pytest.approx(0.5))
+    # B is 1 nat better than A on every input: the difference is 0.25 in every resample, although each
+    # run on its own swings between 0.25 and 0.75 (A) or 0.5 and 1 (B) as the inputs are resampled.
+    diff, low, high = paired_difference([1, 3], [4, 4], [0, 2], [4, 4])
+    assert (diff, low, high) == (pytest.approx(0.25), pytest.approx(0.25), pytest.approx(0.25))
