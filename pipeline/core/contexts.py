@@ -30,6 +30,7 @@ from pipeline.core.data import is_heldout, load_inputs
 from pipeline.core.formats import context_ids, row_input
 from pipeline.core.job import tagged_contexts
 from pipeline.core.losses import percentile_interval, pooled_recovery
+from pipeline.core.probes import probe_report
 from pipeline.core.sampling import sample_answers
 from pipeline.core.scoring import continuation_logits, kl_figures, token_kls
 from pipeline.errors import ConfigError
@@ -116,8 +117,16 @@ def chat_of(name: str, cfg) -> bool:
     return False if name == "plain" else cfg.model.chat
 
 
+def has_probe(job, tag_set) -> bool:
+    return any(job.metatokens[t].probe for t in tag_set)
+
+
 def reference(base, tok, job, cfg, trained_ids: set) -> dict:
-    """name -> set -> {"rows", "teacher" logits, "effect_tokens"}: the reference teacher's answers on each context."""
+    """name -> set -> {"rows", "teacher" logits, "effect_tokens"}: the reference teacher's answers on each context.
+
+    Where a tag of the set has a probe, the base model also answers each input without prompt
+    (`base_output` in the rows), for the probe's retention.
+    """
     bs, scored = cfg.evaluate.batch_size, {}
     for name in (str(n) for n in cfg.evaluate.contexts):
         chat = chat_of(name, cfg)
@@ -125,40 +134,54 @@ def reference(base, tok, job, cfg, trained_ids: set) -> dict:
         if not rows:
             raise ConfigError(f"evaluate.contexts: {name} has no input the run did not train on. Fix: drop {name}.")
         scored[name] = {}
+        plain_ctx = [context_ids(tok, row_input(r), None, chat) for r in rows]
+        base_answers = None
         for tag_set in job.eval_sets:
             teacher_ctx = [context_ids(tok, row_input(r), job.reference_prompt(tag_set), chat) for r in rows]
             texts, outs = sample_answers(base, tok, teacher_ctx, cfg.generate, [])
-            answered = [{**r, "output_ids": o, "output": t} for r, o, t in zip(rows, outs, texts)]
+            if has_probe(job, tag_set) and base_answers is None:  # one untagged answer per input serves every set
+                base_answers = sample_answers(base, tok, plain_ctx, cfg.generate, [])[0]
+            answered = [{**r, "output_ids": o, "output": t, **({"base_output": b} if has_probe(job, tag_set) else {})}
+                        for r, o, t, b in zip(rows, outs, texts, base_answers or [None] * len(rows))]
             label = f"{name} {'+'.join(tag_set)}"
             teacher = continuation_logits(base, teacher_ctx, outs, tok.pad_token_id, bs, f"teacher {label}")
-            plain = continuation_logits(base, [context_ids(tok, row_input(r), None, chat) for r in rows], outs, tok.pad_token_id, bs, f"base {label}")
+            plain = continuation_logits(base, plain_ctx, outs, tok.pad_token_id, bs, f"base {label}")
             scored[name][tag_set] = {"rows": answered, "teacher": teacher, "effect_tokens": token_kls(teacher, plain)}
     return scored
 
 
 def score(student, tok, job, cfg, ref: dict, tag_ids) -> dict:
-    """name -> set -> per-token KL(teacher || student with the set's tags), one tensor per input."""
+    """name -> set -> {"tokens": per-token KL(teacher || student with the set's tags), one tensor per input,
+    "answers": the student's sampled answers where the set has a probe, else None}."""
     residual = {}
     for name, by_set in ref.items():
         residual[name] = {}
         for tag_set, got in by_set.items():
             rows = [{**r, "tags": list(tag_set)} for r in got["rows"]]
-            logits = continuation_logits(student, tagged_contexts(job, tok, rows, chat_of(name, cfg)), [r["output_ids"] for r in rows],
+            tagged = tagged_contexts(job, tok, rows, chat_of(name, cfg))
+            logits = continuation_logits(student, tagged, [r["output_ids"] for r in rows],
                                          tok.pad_token_id, cfg.evaluate.batch_size, f"student {name} {'+'.join(tag_set)}", list(tag_ids))
-            residual[name][tag_set] = token_kls(got["teacher"], logits)
+            answers = sample_answers(student, tok, tagged, cfg.generate, list(tag_ids))[0] if has_probe(job, tag_set) else None
+            residual[name][tag_set] = {"tokens": token_kls(got["teacher"], logits), "answers": answers}
     return residual
 
 
-def figures(ref: dict, residual: dict, heldout_ref: dict, heldout_residual: dict, eval_cfg) -> list[dict]:
-    """One entry per (context, tag set): recovery with its interval, held-out recovery, transfer with its interval."""
+def figures(job, ref: dict, residual: dict, heldout_ref: dict, heldout_residual: dict, eval_cfg) -> list[dict]:
+    """One entry per (context, tag set): recovery with its interval, held-out recovery, transfer with its interval,
+    and the probes of the set's tags (retention with its interval) where they have one."""
     out = []
     for name, by_set in ref.items():
         for tag_set, got in by_set.items():
             sums = lambda tokens: [t.sum().item() for t in tokens]  # noqa: E731
-            ce, cr = sums(got["effect_tokens"]), sums(residual[name][tag_set])
+            tokens, answers = residual[name][tag_set]["tokens"], residual[name][tag_set]["answers"]
+            ce, cr = sums(got["effect_tokens"]), sums(tokens)
             he, hr = sums(heldout_ref[tag_set]["effect_tokens"]), sums(heldout_residual[tag_set])
             held = float(pooled_recovery(hr, he))
-            fig = kl_figures(got["effect_tokens"], residual[name][tag_set], eval_cfg)
+            fig = kl_figures(got["effect_tokens"], tokens, eval_cfg)
+            if answers is not None:  # the probe on base / teacher / student answers to the context's inputs
+                said = {"base": [r["base_output"] for r in got["rows"]], "teacher": [r["output"] for r in got["rows"]], "student": answers}
+                fig["probes"] = [probe_report(job.metatokens[t].probe, t, said, eval_cfg.resamples, eval_cfg.seed)
+                                 for t in tag_set if job.metatokens[t].probe]
             out.append({
                 "context": name, "tags": list(tag_set), "examples": len(got["rows"]),
                 "effect_kl": float(np.mean(np.concatenate([t.numpy() for t in got["effect_tokens"]]))), **fig,
@@ -177,9 +200,11 @@ def blocks(report: dict) -> list[tuple]:
         return []
     return [
         ("h2", f"Evaluation contexts (`{label(report)}`)"),
-        ("table", ["context", "tags", "inputs", "effect KL", "recovery", "95% interval", "held-out recovery", "transfer", "95% interval"], [
+        ("table", ["context", "tags", "inputs", "effect KL", "recovery", "95% interval", "held-out recovery", "transfer", "95% interval",
+                   "probe retention", "95% interval"], [
             [e["context"], "".join(e["tags"]), str(e["examples"]), number(e["effect_kl"], 4), number(e["recovery"], 3),
-             interval(e["recovery_ci"], 3), number(e["heldout_recovery"], 3), number(e["transfer"], 2), interval(e["transfer_ci"], 2)]
+             interval(e["recovery_ci"], 3), number(e["heldout_recovery"], 3), number(e["transfer"], 2), interval(e["transfer_ci"], 2),
+             *probe_cells(e)]
             for e in entries]),
         ("p", "Inputs the run never trained on: **documents** (document openings given as user turns), **conversations** "
               "(multi-turn, the tag where `inputs.prompt_position` puts it), **long** (a held-out request after a pasted passage "
@@ -187,6 +212,14 @@ def blocks(report: dict) -> list[tuple]:
               "on the held-out ones; **transfer** = recovery / held-out recovery (1: the tag works there as where it was "
               "trained), its interval resampling both input sets."),
     ]
+
+
+def probe_cells(entry: dict) -> list[str]:
+    """The first probe's retention and interval ("–" without a probe)."""
+    probes = entry.get("probes") or []
+    if not probes:
+        return ["–", "–"]
+    return [number(probes[0]["retention"], 2), interval(probes[0]["retention_ci"], 2)]
 
 
 def trained_ids(gen_dir) -> set:
@@ -198,12 +231,16 @@ def trained_ids(gen_dir) -> set:
 ANSWERS = "context_answers.jsonl"  # in the evaluate folder: what the reference teacher wrote on each context
 
 
-def write_answers(folder, ref: dict) -> None:
-    """One line per (context, tag set, input): the teacher's answer that recovery was scored on."""
+def write_answers(folder, ref: dict, residual: dict) -> None:
+    """One line per (context, tag set, input): the teacher's answer that recovery was scored on, and where the
+    set has a probe, the base model's and the student's answers that it counted."""
     with open(folder / ANSWERS, "w", encoding="utf-8") as f:
         for name, by_set in ref.items():
             for tag_set, got in by_set.items():
-                for r in got["rows"]:
+                students = residual[name][tag_set]["answers"] or [None] * len(got["rows"])
+                for r, student in zip(got["rows"], students):
                     f.write(json.dumps({"context": name, "tags": list(tag_set), "id": r["id"], "input": r["input"],
                                         **({"messages": r["messages"]} if r.get("messages") else {}),
-                                        "output": r["output"], "output_ids": r["output_ids"]}, ensure_ascii=False) + "\n")
+                                        "output": r["output"], "output_ids": r["output_ids"],
+                                        **({"base_output": r["base_output"], "student_output": student} if student is not None else {})},
+                                       ensure_ascii=False) + "\n")

@@ -218,7 +218,7 @@ def build_report(cfg, job: Job, paths: StagePaths, heldout, trained, scored: dic
         "metrics": {**(scores[first] if len(sets) == 1 else pooled), **scored["drift"]},
         "sets": sets,
         **({"crosstag": crosstag.figures(job, heldout, ref, scored["cross"]["tags"], scored["cross"]["prompts"], eval_cfg)} if scored["cross"] else {}),
-        **({"contexts": contexts.figures(scored["ctx_ref"], scored["ctx_residual"], ref["heldout"], scored["residual_tokens"]["heldout"], eval_cfg)} if scored["ctx_ref"] else {}),
+        **({"contexts": contexts.figures(job, scored["ctx_ref"], scored["ctx_residual"], ref["heldout"], scored["residual_tokens"]["heldout"], eval_cfg)} if scored["ctx_ref"] else {}),
         "intervals": {"level": 0.95, "over": "inputs", "resamples": eval_cfg.resamples, "seed": eval_cfg.seed},
         "drift": scored["drift"],
         # each held-out input's KLs summed over its tokens: runs on the same inputs compare pairwise (losses.paired_difference)
@@ -273,7 +273,7 @@ def run(cfg, job: Job, paths: StagePaths) -> Path:
     with outputs.atomic_stage_dir(out_dir, "evaluate", paths.key("evaluate"), config=cfg) as (work, manifest):
         outputs.write_json(work / "report.json", report)
         if scored["ctx_ref"]:
-            contexts.write_answers(work, scored["ctx_ref"])
+            contexts.write_answers(work, scored["ctx_ref"], scored["ctx_residual"])
         reports.render(work)  # report.md, report.html, plots/
         manifest.update(metrics=report["metrics"], sets=report["sets"])
     card.refresh(train_dir, report, cfg, job)  # the train folder's model card gets recovery and drift

@@ -78,7 +78,8 @@ def test_a_run_with_contexts_scores_them_like_a_plain_loop(tiny_cfg, tiny_data):
 
     for name in ("documents.jsonl", "conversations.jsonl"):
         shutil.copy(PROJECT_ROOT / "data" / "inputs" / name, tiny_data / "inputs" / name)
-    cfg = tiny_cfg("evaluate.contexts=[documents,conversations,long,plain]", "evaluate.context_examples=3", "evaluate.train_examples=0")
+    cfg = tiny_cfg("evaluate.contexts=[documents,conversations,long,plain]", "evaluate.context_examples=3", "evaluate.train_examples=0",
+                   "metatoken.probe.kind=words", "metatoken.probe.pattern=null")
     run_stages(cfg)
     job = job_from_config(cfg)
     out = paths.output_dir("evaluate", cfg, job)
@@ -108,5 +109,13 @@ def test_a_run_with_contexts_scores_them_like_a_plain_loop(tiny_cfg, tiny_data):
         assert entry["recovery"] == pytest.approx(1 - residual / effect, abs=1e-4), name
         assert entry["heldout_recovery"] == pytest.approx(held, abs=1e-6)
         assert entry["transfer"] == pytest.approx(entry["recovery"] / held, rel=1e-6)
+        # the probe (words per answer) on the answers the report saved, counted by hand
+        said = [a for a in answers if a["context"] == name]
+        words = {who: sum(len(a[key].split()) for a in said) / len(said)
+                 for who, key in (("base", "base_output"), ("teacher", "output"), ("student", "student_output"))}
+        (probe,) = entry["probes"]
+        assert [probe[w] for w in words] == pytest.approx(list(words.values()))
+        if words["teacher"] != words["base"]:
+            assert probe["retention"] == pytest.approx((words["student"] - words["base"]) / (words["teacher"] - words["base"]))
     md = (out / "report.md").read_text()
     assert "## Evaluation contexts" in md and "| `documents` |" in md
