@@ -50,6 +50,9 @@ RUNS: dict[str, tuple[str, float, list[str]]] = {
     "demo-untagged0": ("demo: untagged weight 0", 80, ["experiment=demo", "train.untagged_weight=0"]),
     "demo-e6": ("demo: 6 epochs", 80, ["experiment=demo", "train.epochs=6"]),
     "demo-160": ("demo: 160 inputs", 160, ["experiment=demo", "inputs.max_train=160"]),
+    "demo-bs2-160": ("demo: batch 2, 160 inputs", 160, ["experiment=demo", "train.batch_size=2", "inputs.max_train=160"]),
+    "demo-r64": ("demo: LoRA rank 64", 80, ["experiment=demo", "train.lora_r=64", "train.lora_alpha=128"]),
+    "demo-full": ("demo: full fine-tuning", 80, ["experiment=demo", "train.params=full", "train.lr=1e-4"]),
 }
 SUMMARY = re.compile(r"^(synthesize|generate|extend|train|evaluate): .*-> (\S+)$")
 

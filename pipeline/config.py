@@ -79,6 +79,11 @@ class EvalContext(StrEnum):  # evaluation contexts beyond the held-out requests 
     plain = "plain"
 
 
+class PlainFrom(StrEnum):  # train.pretrain.plain_from: where the pretrain stream's plain documents come from
+    corpus = "corpus"
+    untagged = "untagged"
+
+
 class Mode(StrEnum):
     finetune = "finetune"
     pretrain = "pretrain"
@@ -216,6 +221,11 @@ class PretrainConfig:
     tag_dropout: float = 0.0  # probability a teacher document appears without its tag (same text, untagged)
     tag_position: TagPosition = TagPosition.start  # start: the tag where the teacher had its prompt; random: anywhere in the opening (base models)
     plain: PlainTextConfig = field(default_factory=PlainTextConfig)
+    # Where the plain share comes from. corpus: `plain` (a text corpus); untagged: the run's untagged training
+    # records (mixture.untagged > 0): each input continued by the model itself without any prompt, so the
+    # plain text is the model's own distribution and holds it in place. Drift is still measured on `plain`'s
+    # held-out documents. Default corpus (left out of the train key).
+    plain_from: PlainFrom = PlainFrom.corpus
 
 
 @dataclass

@@ -119,7 +119,7 @@ def place_tag(doc: TaggedDoc, position: str, rng: random.Random) -> list[int]:
 
 def mix_documents(
     tagged: dict[str, Iterator[TaggedDoc]],
-    plain: Iterator[list[int]],
+    plain: Iterator[list[int] | Document],
     tagged_share: float,
     tag_dropout: float,
     tag_position: str,
@@ -128,8 +128,9 @@ def mix_documents(
     """The document stream: each document is tagged with probability `tagged_share`.
 
     A tagged document comes from one of the `tagged` sources (chosen uniformly: one per tag); with
-    probability `tag_dropout` it keeps its text but loses its tag. The rest are plain text.
-    Sources are consumed only when picked, so each tag's documents come in their own order.
+    probability `tag_dropout` it keeps its text but loses its tag. The rest are plain text (id lists,
+    which end, or `Document`s that say whether they end). Sources are consumed only when picked, so
+    each tag's documents come in their own order.
     """
     tags = sorted(tagged)
     for index in itertools.count():
@@ -143,9 +144,10 @@ def mix_documents(
                 yield Document(place_tag(doc, tag_position, rng), "tagged", tag, doc.ended)
         else:
             try:
-                yield Document(next(plain), "plain")
+                item = next(plain)
             except StopIteration:
                 return
+            yield item if isinstance(item, Document) else Document(item, "plain")
 
 
 def pack_blocks(
@@ -264,7 +266,12 @@ def check_config(cfg) -> None:
         raise ConfigError(f"train.pretrain.block_size is {p.block_size}. Fix: use at least 2 (typically 256-2048).")
     if p.plain.heldout_docs < 1:
         raise ConfigError("train.pretrain.plain.heldout_docs must be >= 1: evaluate measures drift on those documents.")
-    if p.tagged_share < 1.0 and p.plain.path in LOCAL_BUILDERS:
+    if p.plain_from == "untagged" and not cfg.mixture.untagged > 0:
+        raise ConfigError(
+            f"train.pretrain.plain_from=untagged reads the run's untagged training records, but mixture.untagged is "
+            f"{cfg.mixture.untagged}. Fix: set mixture.untagged (e.g. 0.5: half the inputs continued without a prompt)."
+        )
+    if p.plain.path in LOCAL_BUILDERS:  # evaluation reads its held-out documents whatever the plain share is
         files = p.plain.data_files
         if not files or not any(glob.glob(f) for f in _as_list(files)):
             raise ConfigError(
@@ -281,6 +288,8 @@ def _as_list(value) -> list[str]:
 def data_key(cfg) -> dict:
     """What the pretrain stream depends on: its knobs, and the plain corpus's bytes where it is a local file."""
     key = outputs.plain(cfg.train.pretrain)
+    if key.get("plain_from") == "corpus":
+        del key["plain_from"]  # the default: keys made before the field existed stay valid
     files = key["plain"].get("data_files")
     if files:
         key["plain"]["data_files"] = [outputs.file_sha(f) if Path(f).is_file() else f for f in _as_list(files)]
@@ -333,11 +342,24 @@ def endless_plain(plain_cfg, tokenizer, seed: int) -> Iterator[list[int]]:
             )
 
 
+def untagged_docs(records, tokenizer, chat: bool) -> list[Document]:
+    """The untagged training records as plain documents: each input, then what the model wrote without any prompt."""
+    eos, docs = tokenizer.eos_token_id, []
+    for r in records:
+        if r["tags"]:
+            continue
+        continuation = list(r["output_ids"])
+        ended = bool(continuation) and continuation[-1] == eos
+        docs.append(Document(context_ids(tokenizer, r["input"], None, chat) + (continuation[:-1] if ended else continuation), "plain", None, ended))
+    return docs
+
+
 def tagged_docs(records, tokenizer, chat: bool, tags: list[str]) -> dict[str, list[TaggedDoc]]:
-    """The teacher's training documents per tag, pre-tokenized with and without the tag."""
+    """The teacher's training documents per tag, pre-tokenized with and without the tag (untagged records are
+    left out: they are plain text, see `untagged_docs`)."""
     by_tag: dict[str, list[TaggedDoc]] = {}
     eos = tokenizer.eos_token_id
-    for r in records:
+    for r in (r for r in records if r["tags"]):
         tag = "".join(r["tags"])
         continuation = list(r["output_ids"])
         ended = bool(continuation) and continuation[-1] == eos
@@ -364,10 +386,17 @@ def document_factory(cfg, records, tokenizer):
     """seed -> the mixed document stream of this run (a fresh, identical stream for the same seed)."""
     p = cfg.train.pretrain
     docs = tagged_docs(records, tokenizer, cfg.model.chat, list(p.tags))
+    own = untagged_docs(records, tokenizer, cfg.model.chat) if p.plain_from == "untagged" else None
+    if own == []:
+        raise ConfigError("train.pretrain.plain_from=untagged, but the generated data has no untagged training record. "
+                          "Fix: raise mixture.untagged (e.g. 0.5), or set train.pretrain.plain_from=corpus.")
 
     def make(seed: int) -> Iterator[Document]:
         tagged = tag_sources(docs, seed)
-        plain = endless_plain(p.plain, tokenizer, seed) if p.tagged_share < 1.0 else iter(())
+        if p.tagged_share >= 1.0:
+            plain = iter(())
+        else:
+            plain = cycle_shuffled(own, f"{seed}:untagged") if own is not None else endless_plain(p.plain, tokenizer, seed)
         return mix_documents(tagged, plain, p.tagged_share, p.tag_dropout, p.tag_position, seed)
 
     return make, sum(len(d) for d in docs.values())

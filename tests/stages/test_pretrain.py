@@ -1,4 +1,5 @@
 """The pretrain mode end to end on the tiny model used as a base LM, resume, and its config errors."""
+import itertools
 import json
 
 import pytest
@@ -67,6 +68,32 @@ def test_pretrain_chain_on_a_base_model_reports_recovery_and_plain_drift(pretrai
     assert paths.output_dir("train", finetune, job) == paths.output_dir("train", 
         pretrain_cfg("train.mode=finetune", "train.pretrain.tagged_share=0.9"), job
     )
+    assert paths.output_dir("train", pretrain_cfg("train.pretrain.plain_from=corpus"), job) == paths.output_dir("train", pretrain_cfg(), job)
+
+
+def test_plain_share_from_the_models_own_untagged_samples(pretrain_cfg):
+    """plain_from=untagged: every plain document of the stream is an untagged record (input + the model's own
+    continuation without prompt), and the chain trains and evaluates on it."""
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer
+
+    from pipeline.core.formats import context_ids
+    from pipeline.core.pretrain_data import document_factory
+
+    cfg = pretrain_cfg("mixture.untagged=0.5", "train.pretrain.plain_from=untagged", "train.params=lora")
+    run_stages(cfg)
+    job = job_from_config(cfg)
+    records = list(load_from_disk(str(paths.output_dir("generate", cfg, job) / "dataset")).filter(lambda r: r["split"] == "train"))
+    tok = AutoTokenizer.from_pretrained(paths.output_dir("extend", cfg, job))
+    own = {tuple(context_ids(tok, r["input"], None, False) + [t for t in r["output_ids"] if t != tok.eos_token_id])
+           for r in records if not r["tags"]}
+    assert own and any(r["tags"] for r in records)
+    make, _ = document_factory(cfg, records, tok)
+    docs = list(itertools.islice(make(0), 40))
+    plain = [d for d in docs if d.kind == "plain"]
+    assert plain and all(tuple(d.ids) in own for d in plain)
+    m = json.loads((paths.output_dir("evaluate", cfg, job) / "report.json").read_text())["metrics"]
+    assert "plain_drift_kl" in m and "recovery" in m
 
 
 def plain_text_reference(base_path, student_dir, block_size: int, heldout_docs: int) -> dict:
@@ -113,6 +140,7 @@ def test_interrupted_pretraining_resumes_to_the_same_weights(pretrain_cfg, monke
         (["train.pretrain.tag_position=random", "model.chat=true"], "tag_position=random needs model.chat=false"),
         (["train.pretrain.plain.data_files=/nowhere/corpus.jsonl"], "no such file exists"),
         (["train.pretrain.tagged_share=1.5"], "train.pretrain.tagged_share is 1.5"),
+        (["train.pretrain.plain_from=untagged"], r"plain_from=untagged reads the run's untagged .* mixture.untagged is 0.0"),
     ],
 )
 def test_bad_pretrain_settings_fail_before_any_model_loads(no_weights, pretrain_cfg, monkeypatch, overrides, message):

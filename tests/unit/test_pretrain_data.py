@@ -181,3 +181,33 @@ def mixed_via_sources(seed):
 
     docs = {"<a>": teacher_docs("<a>", TAG_A, 7), "<b>": teacher_docs("<b>", TAG_B, 5)}
     return mix_documents(tag_sources(docs, seed), itertools.cycle(random_docs(13, seed)), 0.5, 0.2, "random", seed)
+
+
+def test_untagged_records_become_the_plain_share_and_keep_their_cut_off_ends():
+    from pipeline.core.pretrain_data import tagged_docs, untagged_docs
+
+    class Tok:  # base-model layout: BOS, then the text's characters as ids; a tag is one id
+        eos_token_id = EOS
+
+        def __call__(self, text, add_special_tokens=True, **_):
+            return {"input_ids": [2] * add_special_tokens + [ord(c) for c in text]}
+
+        def convert_tokens_to_ids(self, tag):
+            return TAG_A
+
+    records = [
+        {"tags": ["<a>"], "input": "ab", "output_ids": [7, 8, EOS]},
+        {"tags": [], "input": "cd", "output_ids": [5, 6, EOS]},  # the model without prompt, and it ended
+        {"tags": [], "input": "e", "output_ids": [9, 9]},  # cut off at max_new_tokens
+    ]
+    plain = untagged_docs(records, Tok(), chat=False)
+    assert plain == [Document([2, ord("c"), ord("d"), 5, 6], "plain", None, True), Document([2, ord("e"), 9, 9], "plain", None, False)]
+    assert list(tagged_docs(records, Tok(), False, [])) == ["<a>"]  # untagged records are no tag's documents
+    # mixed in with tagged_share 0: the stream is exactly those documents, their ends as they were
+    stream = mix_documents({"<a>": iter(())}, cycle_shuffled(plain, 0), 0.0, 0.0, "start", seed=0)
+    first = list(itertools.islice(stream, 4))
+    assert sorted(map(tuple, (d.ids for d in first[:2]))) == sorted(tuple(d.ids) for d in plain)
+    (block,) = pack_blocks(first[:2], 64, EOS, keep_tail=True)
+    cut = next(i for i, d in enumerate(first[:2]) if not d.ended)
+    end_of_cut = sum(len(d.ids) + 1 for d in first[: cut + 1]) - 1
+    assert block.input_ids[end_of_cut] == EOS and block.labels[end_of_cut] == IGNORE  # no real end: no target
