@@ -37,6 +37,7 @@ RUNS: dict[str, tuple[bool, int, list[str]]] = {
     "paired-40": (True, 3, PAIRED),
     "unpaired-120-e1": (False, 1, UNPAIRED + ["train.epochs=1"]),
     "paired-40-e1": (True, 1, PAIRED + ["train.epochs=1"]),
+    "unpaired-240": (False, 3, ["inputs.max_train=240"]),  # twice the data (and the compute)
     "unpaired-120-e6": (False, 6, UNPAIRED + ["train.epochs=6"]),
     "paired-40-e6": (True, 6, PAIRED + ["train.epochs=6"]),
 }
