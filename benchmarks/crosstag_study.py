@@ -102,8 +102,14 @@ def plot(results: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.8))
+    for r in (r for r in results.values() if r["train_examples"] != 120):  # more data: a point of its own
+        margin = sum(t["margin_retention"] for t in r["crosstag"]["per_tag"]) / len(r["crosstag"]["per_tag"])
+        left.plot([r["epochs"]], [margin], "*", color="tab:green", markersize=11, label=f"unpaired, {r['train_examples']} inputs")
+        ci = r["crosstag"]["nearest_own_ci"]
+        right.errorbar([r["epochs"]], [r["crosstag"]["nearest_own"]], yerr=[[r["crosstag"]["nearest_own"] - ci[0]], [ci[1] - r["crosstag"]["nearest_own"]]],
+                       fmt="*", color="tab:green", markersize=11, capsize=3)
     for paired, color in ((False, "tab:blue"), (True, "tab:orange")):
-        curve = sorted((r for r in results.values() if r["paired"] == paired), key=lambda r: r["epochs"])
+        curve = sorted((r for r in results.values() if r["paired"] == paired and r["train_examples"] == 120), key=lambda r: r["epochs"])
         if not curve:
             continue
         xs = [r["epochs"] for r in curve]
@@ -119,7 +125,7 @@ def plot(results: dict) -> None:
     left.axhline(0.8, color="grey", linestyle=":", linewidth=1)
     right.axhline(0.98, color="grey", linestyle=":", linewidth=1)
     left.legend(fontsize=8)
-    fig.suptitle("trio on SmolLM2-135M-Instruct, 120 examples, 32 held-out inputs per tag", fontsize=9)
+    fig.suptitle("trio on SmolLM2-135M-Instruct, 120 examples (lines), 32 held-out inputs per tag", fontsize=9)
     fig.tight_layout()
     fig.savefig(DOCS / "margin_vs_epochs.png", dpi=120)
 
