@@ -51,6 +51,7 @@ RUNS: dict[str, tuple[str, float, list[str]]] = {
     "demo-e6": ("demo: 6 epochs", 80, ["experiment=demo", "train.epochs=6"]),
     "demo-160": ("demo: 160 inputs", 160, ["experiment=demo", "inputs.max_train=160"]),
     "demo-bs2-160": ("demo: batch 2, 160 inputs", 160, ["experiment=demo", "train.batch_size=2", "inputs.max_train=160"]),
+    "demo-bs2-lr05": ("demo: batch 2, lr / 2", 80, ["experiment=demo", "train.batch_size=2", "train.lr=5e-4"]),
     "demo-r64": ("demo: LoRA rank 64", 80, ["experiment=demo", "train.lora_r=64", "train.lora_alpha=128"]),
     "demo-full": ("demo: full fine-tuning", 80, ["experiment=demo", "train.params=full", "train.lr=1e-4"]),
 }

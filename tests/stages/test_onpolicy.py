@@ -26,15 +26,17 @@ PROMPT = "You are a kind and warm assistant who always encourages the user."
 TEXTS = ["How do I boil an egg?", "Write a two line poem about autumn leaves please.", "Why?", "Explain the sky."]
 
 # Train folders of shipped configs (model content held fixed), computed before on-policy existed (the online
-# and sft rows re-pinned with the model content in the key): they must never move.
+# and sft rows re-pinned with the model content in the key): they must never move. The demo's rows hold its
+# batch size of then (8; the demo now trains with 2, pinned in test_stage_keys).
+DEMO = ("experiment=demo", "train.batch_size=8")
 KNOWN_TRAIN_FOLDERS = {
-    ("experiment=demo",): "pirate-ea37881157",
+    DEMO: "pirate-ea37881157",
     (): "nice-ea24db4e91",
     ("experiment=remix",): "nice+authoritative_tone+pirate-fd2e31693f",
     ("experiment=nested",): "kind_expert-b8caed8cda",
     ("experiment=pretrain_demo",): "pirate-f03be07d6e",
-    ("experiment=demo", "train.teacher=online"): "pirate-5f1bb57e88",
-    ("experiment=demo", "train.objective=sft", "train.params=embedding"): "pirate-63a1b6b093",
+    (*DEMO, "train.teacher=online"): "pirate-5f1bb57e88",
+    (*DEMO, "train.objective=sft", "train.params=embedding"): "pirate-63a1b6b093",
 }
 
 
@@ -52,7 +54,7 @@ def test_existing_train_keys_are_unchanged(overrides, folder, pinned_model_conte
 
 
 def test_onpolicy_keys_hold_what_changes_the_result():
-    demo = KNOWN_TRAIN_FOLDERS[("experiment=demo",)]
+    demo = train_folder("experiment=demo")
     reverse = train_folder("experiment=demo", "train.objective=onpolicy")
     assert reverse != demo
     assert train_folder("experiment=demo", "train.objective=onpolicy", "train.onpolicy_beta=0.1") == reverse  # no beta in reverse KL

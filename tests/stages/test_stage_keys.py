@@ -20,7 +20,7 @@ BOOTSTRAP = ["experiment=nested", "generate.teacher_mode=bootstrap",
              "generate.bootstrap_model=outputs/train/nice+authoritative_tone+pirate-7abbedc502"]
 CASES = {
     "default": ([], {"generate": "4afa5c1d43", "extend": "c8517c2421", "train": "ea24db4e91", "evaluate": "a59e4b0496"}),
-    "demo": (["experiment=demo"], {"generate": "296f0b3219", "extend": "42afc11faf", "train": "ea37881157", "evaluate": "f2575fc03f"}),
+    "demo": (["experiment=demo"], {"generate": "296f0b3219", "extend": "42afc11faf", "train": "c6f67ca334", "evaluate": "e7b1691077"}),
     "remix": (["experiment=remix"], {"generate": "0dd73205d7", "extend": "3b41cc2b6f", "train": "fd2e31693f", "evaluate": "cf3e8f6b42"}),
     "nested": (["experiment=nested"], {"generate": "45c5186845", "extend": "a168ce45eb", "train": "b8caed8cda", "evaluate": "a9f35d2649"}),
     "pretrain_demo": (["experiment=pretrain_demo"], {"generate": "23a7f62a0d", "extend": "d18a0f76e4", "train": "f03be07d6e", "evaluate": "99226c1423"}),
