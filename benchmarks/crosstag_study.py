@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fidelity import fmt_ci, pipeline, stage_seconds  # noqa: E402  (one runner for both studies)
+from fidelity import fmt_ci, pipeline, run_study, stage_seconds  # noqa: E402  (one runner for both studies)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "crosstag_results.json"
@@ -67,16 +67,7 @@ def run_one(name: str) -> dict:
 
 
 def run(names: list[str]) -> None:
-    unknown = [n for n in names if n not in RUNS]
-    if unknown:
-        raise SystemExit(f"crosstag_study: no run named {unknown}. Fix: one of {', '.join(RUNS)}.")
-    for name in names:
-        result = run_one(name)
-        results = load_results()
-        results[name] = result
-        tmp = RESULTS.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-        tmp.replace(RESULTS)  # atomic: a killed study keeps every finished run
+    run_study("crosstag_study", names, RUNS, run_one, RESULTS)
 
 
 def table() -> None:

@@ -113,22 +113,27 @@ def run_one(name: str) -> dict:
     }
 
 
-def run(names: list[str]) -> None:
-    for name in names:
-        if name not in RUNS:
-            raise SystemExit(f"fidelity: no run named {name!r}. Fix: one of {', '.join(RUNS)}.")
+def run_study(study: str, names: list[str], runs: dict, run_one, results_path: Path) -> None:
+    """Run named study rows in order, saving each result as it finishes (shared by the studies in benchmarks/)."""
+    unknown = [n for n in names if n not in runs]
+    if unknown:
+        raise SystemExit(f"{study}: no run named {unknown}. Fix: one of {', '.join(runs)}.")
     for name in names:
         result = run_one(name)
-        results = load_results()
+        results = json.loads(results_path.read_text()) if results_path.is_file() else {}
         results[name] = result
-        tmp = RESULTS.with_suffix(".tmp")
+        tmp = results_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(results, indent=2) + "\n")
-        tmp.replace(RESULTS)  # atomic: a killed study keeps every finished run
+        tmp.replace(results_path)  # atomic: a killed study keeps every finished run
+
+
+def run(names: list[str]) -> None:
+    run_study("fidelity", names, RUNS, run_one, RESULTS)
 
 
 def compare(a: str, b: str) -> None:
     """Recovery of run b minus run a, on the same held-out inputs, with the paired bootstrap interval."""
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT))  # the script runs from benchmarks/; imported here so list/table need no torch
     from pipeline.core.losses import paired_difference
 
     results = load_results()
