@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: help setup demo demo-pretrain lint test test-fast clean bench bench-quality
+.PHONY: help setup demo demo-pretrain lint test test-fast clean bench bench-step bench-quality
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ clean:  ## remove stage outputs (keeps the converted model)
 
 bench:  ## generation and training throughput under 1k/4k-token prompts -> bench.json (~25 min on 2 CPU cores)
 	$(PY) benchmarks/bench.py
+
+bench-step:  ## seconds per training step: tag row in place vs its own parameter, float32 vs bf16 -> benchmarks/train_step.json (~3 min)
+	$(PY) benchmarks/train_step.py
 
 bench-quality:  ## minutes to held-out recovery 0.5-0.9, ours vs HF generate + TRL SFTTrainer (needs .[bench]; ~35 min)
 	$(PY) benchmarks/time_to_quality.py

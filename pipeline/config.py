@@ -249,6 +249,10 @@ class TrainConfig:
     max_steps: int = -1  # > 0 overrides epochs
     batch_size: int = 8
     grad_accum: int = 1
+    # Mixed precision for the training passes (bf16 autocast; weights, optimizer and losses stay float32), the
+    # usual choice on GPUs. On CPUs with AVX-512 BF16 or AMX (AMD Zen 4+, Intel Sapphire Rapids+) a step of the
+    # default model is ~2.3x faster than float32; on older CPUs it is slower. Generate and evaluate keep model.dtype.
+    bf16: bool = False
     lr: float = 1e-3  # for LoRA / full weights
     embedding_lr: float = 1e-2  # for the new embedding rows (they start far from where they end)
     weight_decay: float = 0.0

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer
 
-from pipeline.core import onpolicy
+from pipeline.core import onpolicy, tag_rows
 from pipeline.core.data import pad_2d, pad_examples
 from pipeline.core.formats import context_ids, row_input
 from pipeline.core.job import Job, student_context
@@ -185,13 +185,14 @@ class DistillTrainer(Trainer):
             self.lr_scheduler = self.client_optimizers[1]
         return super().create_scheduler(num_training_steps, optimizer)
 
-    # A peft checkpoint holds only the adapters, but the tag rows train in the base embedding: keep it
-    # next to them, or a resumed LoRA run would restart the tag rows from their initial values.
+    # A peft checkpoint holds only the adapters, and the tag rows are a parameter HF's checkpoint does not
+    # know: keep the embedding (tag rows written in) next to them, or a resumed run would restart the tag rows.
     # (DeepSpeed checkpoints hold the whole engine state and are restored by DeepSpeed itself.)
     def _save(self, output_dir=None, state_dict=None):
         super()._save(output_dir, state_dict)
-        if hasattr(self.model, "peft_config") and not self.is_deepspeed_enabled and self.args.should_save:
-            weight = self.model.get_input_embeddings().weight.detach().cpu().contiguous()
+        embedding = self.model.get_input_embeddings()
+        if tag_rows.attached(embedding) and not self.is_deepspeed_enabled and self.args.should_save:
+            weight = tag_rows.merged_weight(embedding).cpu().contiguous()
             save_file({"weight": weight}, os.path.join(output_dir or self.args.output_dir, EMBEDDING_FILE))
 
     def _save_checkpoint(self, model, trial):
@@ -205,8 +206,7 @@ class DistillTrainer(Trainer):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = os.path.join(resume_from_checkpoint, EMBEDDING_FILE)
         if os.path.exists(path):
-            with torch.no_grad():
-                (model or self.model).get_input_embeddings().weight.copy_(load_file(path)["weight"])
+            tag_rows.load((model or self.model).get_input_embeddings(), load_file(path)["weight"])
 
     def _onpolicy_step_loss(self, model, inputs) -> torch.Tensor:
         """On- or off-policy, as drawn for this (step, micro-batch); the samples' seed depends on nothing else."""

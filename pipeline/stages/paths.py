@@ -81,6 +81,8 @@ def train_key(cfg, job: Job) -> dict:
     train_cfg.pop("pretrain", None)
     if train_cfg.get("max_examples") is None:  # added later: runs without a cap keep their folders
         train_cfg.pop("max_examples", None)
+    if not train_cfg.get("bf16", False):  # added later: float32 runs keep their folders
+        train_cfg.pop("bf16", None)
     train_cfg = onpolicy.key_fields(train_cfg)  # kl / sft keys stay as they were before onpolicy existed
     if train_cfg.pop("mode", "finetune") == "pretrain":  # finetune keys stay as they were before pretrain existed
         train_cfg.update(mode="pretrain", pretrain=data_key(cfg))

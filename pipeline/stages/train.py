@@ -10,7 +10,7 @@ Trainable parameters:
 - `lora`: LoRA adapters (peft) plus the new tag rows;
 - `full`: every weight.
 SmolLM2 ties input and output embeddings, and peft cannot train single rows of a tied matrix, so the
-tag rows train through a gradient mask on the (shared) embedding matrix.
+tag rows train as their own small parameter (core/tag_rows.py) and are written into the matrix at save.
 
 The result is a plain Hugging Face directory (model + tokenizer; LoRA merged unless
 `train.merge_lora=false`, which saves a peft adapter instead).
@@ -32,7 +32,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import TrainingArguments, get_scheduler, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from pipeline.core import card, onpolicy
+from pipeline.core import card, onpolicy, tag_rows
 from pipeline.core.catalog import tags_of
 from pipeline.core.job import Job
 from pipeline.core.models import load_model, load_tokenizer
@@ -60,13 +60,14 @@ def check_config(cfg, job: Job) -> None:
         onpolicy.check_settings(cfg, job)
     if train_cfg.max_examples is not None and train_cfg.max_examples < 1:
         raise ConfigError(f"train.max_examples is {train_cfg.max_examples}. Fix: use a positive number, or null for all.")
+    if train_cfg.bf16 and cfg.model.device == "cpu" and not cpu_has_bf16():
+        log.warning("train.bf16=true on a CPU without AVX-512 BF16 or AMX: bf16 steps are emulated and slower than "
+                    "float32 here. Fix: train.bf16=false.")
 
 
-def mask_to_rows(weight: torch.nn.Parameter, rows: list[int]) -> None:
-    """Let gradient reach only `rows` of `weight` (Adam then leaves the other rows exactly as they were)."""
-    keep = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
-    keep[rows] = 1.0
-    weight.register_hook(lambda grad: grad * keep)
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 matrix products natively (where bf16 autocast pays on CPU)."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def prepare_trainable(model, train_cfg, tag_ids: list[int]):
@@ -86,11 +87,10 @@ def prepare_trainable(model, train_cfg, tag_ids: list[int]):
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora)
-    embedding = model.get_input_embeddings().weight
-    embedding.requires_grad_(True)
-    mask_to_rows(embedding, tag_ids)
-    groups = [{"params": [embedding], "lr": train_cfg.embedding_lr, "weight_decay": 0.0}]
-    adapters = [p for n, p in model.named_parameters() if p.requires_grad and p is not embedding]
+    # after peft, which freezes every parameter that is not an adapter
+    rows = tag_rows.attach(model.get_input_embeddings(), tag_ids)
+    groups = [{"params": [rows], "lr": train_cfg.embedding_lr, "weight_decay": 0.0}]
+    adapters = [p for n, p in model.named_parameters() if p.requires_grad and p is not rows]
     if adapters:
         groups.append({"params": adapters, "lr": train_cfg.lr})
     return model, groups
@@ -123,6 +123,7 @@ def save_student(model, tokenizer, out: Path, merge_lora: bool, tag_ids: list[in
     """Save the student; `tag_ids` are every tag it holds (a bootstrapped student's inner tags too)."""
     # generate() in plain transformers then never writes a tag (the student reads tags, never emits them).
     model.generation_config.suppress_tokens = sorted(tag_ids)
+    tag_rows.merge(model.get_input_embeddings())  # the trained tag rows into the (tied) matrix: a plain model
     if hasattr(model, "merge_and_unload") and merge_lora:
         model = model.merge_and_unload()
     elif hasattr(model, "merge_and_unload"):
@@ -192,6 +193,7 @@ def training_args(cfg, work: Path, run_name: str, steps: int, ds_config) -> Trai
         run_name=run_name,
         seed=train_cfg.seed,
         use_cpu=cfg.model.device == "cpu",
+        bf16=train_cfg.bf16,  # accelerate wraps the model's forward in bf16 autocast (CPU or GPU)
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=not progress.enabled(),

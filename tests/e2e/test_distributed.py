@@ -173,7 +173,7 @@ def tag_row_shift(cfg, train_dir: Path) -> float:
     tag_id = json.loads((ext_dir / "manifest.json").read_text())["tag_ids"]["<kind>"]
     key = "model.embed_tokens.weight"
     a, b = load_file(ext_dir / "model.safetensors")[key], load_file(train_dir / "model.safetensors")[key]
-    assert torch.equal(a[:tag_id], b[:tag_id])  # only the tag row moved (the gradient mask holds under ZeRO)
+    assert torch.equal(a[:tag_id], b[:tag_id])  # only the tag row moved (its own parameter, under ZeRO too)
     return (b[tag_id] - a[tag_id]).norm().item()
 
 

@@ -54,3 +54,34 @@ def test_resumed_run_reports_the_whole_runs_loss_and_keeps_two_checkpoints(tiny_
     # Before the fix this was the mean of steps 4 alone (the part after the resume).
     assert final == pytest.approx(sum(per_step) / 4, rel=1e-4)
     assert final == pytest.approx(outputs.read_manifest(reference)["final_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_bf16_trains_the_student_under_bf16_autocast_and_saves_float32_weights(tiny_cfg, tmp_path, monkeypatch, bf16):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_cfg(f"paths.outputs={tmp_path}", "train.max_steps=2", f"train.bf16={str(bf16).lower()}")
+    for stage in ("generate", "extend"):
+        run_stages(tiny_cfg(f"paths.outputs={tmp_path}", f"stage={stage}"))
+    real_loss, dtypes = trainer_module.distill_loss, []
+
+    def spy(model, *args, **kwargs):  # the dtype each Linear of the student computes in, during a training step
+        hooks = [m.register_forward_hook(lambda mod, inp, out: dtypes.append(out.dtype))
+                 for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        try:
+            return real_loss(model, *args, **kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    monkeypatch.setattr(trainer_module, "distill_loss", spy)
+    run_recipe(train, cfg)
+    assert dtypes and set(dtypes) == {torch.bfloat16 if bf16 else torch.float32}
+    out = paths.output_dir("train", cfg, job_from_config(cfg))
+    manifest = outputs.read_manifest(out)
+    assert manifest["final_loss"] == manifest["final_loss"] and manifest["final_loss"] > 0  # finite, not NaN
+    saved = AutoModelForCausalLM.from_pretrained(out)
+    assert {p.dtype for p in saved.parameters()} == {torch.float32}  # autocast only; master weights stay fp32
+    # the flag is in the train key only when on: float32 runs keep their folders
+    assert ("bf16" in paths.train_key(cfg, job_from_config(cfg))["train"]) == bf16
