@@ -26,6 +26,13 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "fidelity_results.json"
 DOCS = ROOT / "docs" / "fidelity"
 COMMON = ["stage=all", "metatoken=pirate"]
+DEMO_80 = ["experiment=demo", "inputs.max_train=80", "train.bf16=false"]  # the demo before 3 December 2026 (at its batch size)
+
+
+def demo_then(*overrides: str) -> list[str]:
+    """The demo of before 3 December 2026 with `overrides` (each key once: an override replaces DEMO_80's)."""
+    keys = {o.split("=", 1)[0] for o in overrides}
+    return [o for o in DEMO_80 if o.split("=", 1)[0] not in keys] + list(overrides)
 
 # name -> (what it varies, x value for the plot, overrides). One generate run of all 256 shipped
 # training inputs serves every `data-N` run up to 256 (train.max_examples takes the first N);
@@ -39,27 +46,36 @@ RUNS: dict[str, tuple[str, float, list[str]]] = {
     "data-768": ("training inputs", 768, ["inputs.synthetic.count=512", "train.epochs=1"]),
     "data-512-e3": ("epochs (512 inputs)", 3, ["inputs.synthetic.count=256"]),
     "epochs-1": ("epochs (256 inputs)", 1, ["train.epochs=1"]),
+    # bf16 training (train.bf16, ~1.7x faster steps on this CPU): more inputs in about the old preset's time
+    "data-768-e3-bf16": ("training inputs (bf16)", 768, ["inputs.synthetic.count=512", "train.bf16=true"]),
     "online-256": ("teacher: online full vocabulary", 256, ["train.teacher=online"]),
     "onpolicy-256": ("objective: on-policy", 256, ["train.objective=onpolicy"]),
     "embedding-256": ("params: embedding only", 256, ["train.params=embedding", "train.embedding_lr=0.05"]),
     "untagged0-256": ("untagged weight 0", 256, ["train.untagged_weight=0"]),
-    # The demo's budget (80 inputs, 24 held-out, <= 15 min on 2 cores): what buys more recovery per step.
-    "demo": ("demo recipe", 80, ["experiment=demo"]),
-    "demo-bs2": ("demo: batch 2 (4x the steps)", 80, ["experiment=demo", "train.batch_size=2"]),
-    "demo-lr3": ("demo: lr x3", 80, ["experiment=demo", "train.lr=3e-3", "train.embedding_lr=3e-2"]),
-    "demo-untagged0": ("demo: untagged weight 0", 80, ["experiment=demo", "train.untagged_weight=0"]),
-    "demo-e6": ("demo: 6 epochs", 80, ["experiment=demo", "train.epochs=6"]),
-    "demo-160": ("demo: 160 inputs", 160, ["experiment=demo", "inputs.max_train=160"]),
-    "demo-bs2-160": ("demo: batch 2, 160 inputs", 160, ["experiment=demo", "train.batch_size=2", "inputs.max_train=160"]),
-    "demo-bs2-lr05": ("demo: batch 2, lr / 2", 80, ["experiment=demo", "train.batch_size=2", "train.lr=5e-4"]),
-    "demo-r64": ("demo: LoRA rank 64", 80, ["experiment=demo", "train.lora_r=64", "train.lora_alpha=128"]),
-    "demo-full": ("demo: full fine-tuning", 80, ["experiment=demo", "train.params=full", "train.lr=1e-4"]),
-    # bf16 autocast for training (train.bf16): ~2.3x faster steps on this CPU (AVX-512 BF16), so more data or
-    # epochs fit the demo's 15 minutes. The demo now trains at batch 2: these rows compare with demo-bs2.
-    "demo-bf16": ("demo: bf16 training", 80, ["experiment=demo", "train.bf16=true"]),
-    "demo-bf16-160": ("demo: bf16, 160 inputs", 160, ["experiment=demo", "train.bf16=true", "inputs.max_train=160"]),
-    "demo-bf16-e6": ("demo: bf16, 6 epochs", 80, ["experiment=demo", "train.bf16=true", "train.epochs=6"]),
+    # The demo's budget (<= 15 min on 2 cores): what buys more recovery per minute. These rows hold the demo as it
+    # was when they ran (80 inputs, float32; "demo" itself at batch 8); experiment=demo now trains at batch 2, in bf16,
+    # on 160 inputs (row demo-bf16-160).
+    "demo": ("demo recipe", 80, demo_then("train.batch_size=8")),
+    "demo-bs2": ("demo: batch 2 (4x the steps)", 80, demo_then("train.batch_size=2")),
+    "demo-lr3": ("demo: lr x3", 80, demo_then("train.batch_size=8", "train.lr=3e-3", "train.embedding_lr=3e-2")),
+    "demo-untagged0": ("demo: untagged weight 0", 80, demo_then("train.batch_size=8", "train.untagged_weight=0")),
+    "demo-e6": ("demo: 6 epochs", 80, demo_then("train.batch_size=8", "train.epochs=6")),
+    "demo-160": ("demo: 160 inputs", 160, demo_then("train.batch_size=8", "inputs.max_train=160")),
+    "demo-bs2-160": ("demo: batch 2, 160 inputs", 160, demo_then("train.batch_size=2", "inputs.max_train=160")),
+    "demo-bs2-lr05": ("demo: batch 2, lr / 2", 80, demo_then("train.batch_size=2", "train.lr=5e-4")),
+    "demo-r64": ("demo: LoRA rank 64", 80, demo_then("train.batch_size=8", "train.lora_r=64", "train.lora_alpha=128")),
+    "demo-full": ("demo: full fine-tuning", 80, demo_then("train.batch_size=8", "train.params=full", "train.lr=1e-4")),
+    # bf16 training (train.bf16): ~1.7x faster steps on this CPU (AVX-512 BF16), so more data or epochs fit the
+    # demo's minutes. At batch 2: these rows compare with demo-bs2.
+    "demo-bf16": ("demo: bf16 training", 80, demo_then("train.bf16=true")),
+    "demo-bf16-160": ("demo: bf16, 160 inputs (the demo now)", 160, ["experiment=demo", "train.bf16=true", "inputs.max_train=160"]),
+    "demo-bf16-e6": ("demo: bf16, 6 epochs", 80, demo_then("train.bf16=true", "train.epochs=6")),
     "demo-bf16-240": ("demo: bf16, 240 inputs", 240, ["experiment=demo", "train.bf16=true", "inputs.max_train=240"]),
+    "demo-bf16-init-prompt": ("demo: bf16, tag row from the prompt's mean", 80,
+                              demo_then("train.bf16=true", "extend.init=prompt_mean")),
+    "demo-bf16-untagged03": ("demo: bf16, untagged weight 0.3", 80, demo_then("train.bf16=true", "train.untagged_weight=0.3")),
+    "demo-bf16-elr3e-3": ("demo: bf16, tag-row lr 3e-3", 80, demo_then("train.bf16=true", "train.embedding_lr=3e-3")),
+    "demo-bf16-elr3e-2": ("demo: bf16, tag-row lr 3e-2", 80, demo_then("train.bf16=true", "train.embedding_lr=3e-2")),
 }
 SUMMARY = re.compile(r"^(synthesize|generate|extend|train|evaluate): .*-> (\S+)$")
 
@@ -209,6 +225,10 @@ def plot(results: dict) -> None:
             cis = [r["metrics"][key + "_ci"] for r in curve]
             err = [[y - c[0] for y, c in zip(ys, cis)], [c[1] - y for y, c in zip(ys, cis)]]
             ax.errorbar(xs, ys, yerr=err, fmt=style, color=color, capsize=3, label=f"{epochs} epoch{'s' * (epochs > 1)}, {label}")
+    for r in (r for r in results.values() if r["group"] == "training inputs (bf16)"):  # same recipe, bf16 steps
+        y, ci = r["metrics"]["recovery"], r["metrics"]["recovery_ci"]
+        ax.errorbar([r["train_examples"]], [y], yerr=[[y - ci[0]], [ci[1] - y]], fmt="*", color="tab:green",
+                    markersize=10, capsize=3, label="3 epochs, bf16 training, held-out")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("training inputs (beyond 253: synthesized)")
     ax.set_ylabel("recovery (full-vocabulary KL)")

@@ -27,8 +27,8 @@ TEXTS = ["How do I boil an egg?", "Write a two line poem about autumn leaves ple
 
 # Train folders of shipped configs (model content held fixed), computed before on-policy existed (the online
 # and sft rows re-pinned with the model content in the key): they must never move. The demo's rows hold its
-# batch size of then (8; the demo now trains with 2, pinned in test_stage_keys).
-DEMO = ("experiment=demo", "train.batch_size=8")
+# batch size, inputs and precision of then (8, 80, float32; the demo now trains with 2, 160, bf16: pinned in test_stage_keys).
+DEMO = ("experiment=demo", "train.batch_size=8", "inputs.max_train=80", "train.bf16=false")
 KNOWN_TRAIN_FOLDERS = {
     DEMO: "pirate-ea37881157",
     (): "nice-ea24db4e91",

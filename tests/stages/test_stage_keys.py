@@ -20,7 +20,10 @@ BOOTSTRAP = ["experiment=nested", "generate.teacher_mode=bootstrap",
              "generate.bootstrap_model=outputs/train/nice+authoritative_tone+pirate-7abbedc502"]
 CASES = {
     "default": ([], {"generate": "4afa5c1d43", "extend": "c8517c2421", "train": "ea24db4e91", "evaluate": "a59e4b0496"}),
-    "demo": (["experiment=demo"], {"generate": "296f0b3219", "extend": "42afc11faf", "train": "c6f67ca334", "evaluate": "e7b1691077"}),
+    # the demo before it trained in bf16 on 160 inputs (3 December 2026)
+    "demo_80_float32": (["experiment=demo", "inputs.max_train=80", "train.bf16=false"],
+                        {"generate": "296f0b3219", "extend": "42afc11faf", "train": "c6f67ca334", "evaluate": "e7b1691077"}),
+    "demo": (["experiment=demo"], {"generate": "92b5dfd817", "extend": "42afc11faf", "train": "97590a3b20", "evaluate": "2716bd8fbd"}),
     "remix": (["experiment=remix"], {"generate": "0dd73205d7", "extend": "3b41cc2b6f", "train": "fd2e31693f", "evaluate": "cf3e8f6b42"}),
     "nested": (["experiment=nested"], {"generate": "45c5186845", "extend": "a168ce45eb", "train": "b8caed8cda", "evaluate": "a9f35d2649"}),
     "pretrain_demo": (["experiment=pretrain_demo"], {"generate": "23a7f62a0d", "extend": "d18a0f76e4", "train": "f03be07d6e", "evaluate": "99226c1423"}),
