@@ -46,7 +46,7 @@ RUNS: dict[str, tuple[str, float, list[str]]] = {
     "data-768": ("training inputs", 768, ["inputs.synthetic.count=512", "train.epochs=1"]),
     "data-512-e3": ("epochs (512 inputs)", 3, ["inputs.synthetic.count=256"]),
     "epochs-1": ("epochs (256 inputs)", 1, ["train.epochs=1"]),
-    # bf16 training (train.bf16, ~1.7x faster steps on this CPU): more inputs in about the old preset's time
+    # bf16 training (train.bf16, ~1.5x faster steps on this CPU): more inputs in about the old preset's time
     "data-768-e3-bf16": ("training inputs (bf16)", 768, ["inputs.synthetic.count=512", "train.bf16=true"]),
     "online-256": ("teacher: online full vocabulary", 256, ["train.teacher=online"]),
     "onpolicy-256": ("objective: on-policy", 256, ["train.objective=onpolicy"]),
@@ -65,7 +65,7 @@ RUNS: dict[str, tuple[str, float, list[str]]] = {
     "demo-bs2-lr05": ("demo: batch 2, lr / 2", 80, demo_then("train.batch_size=2", "train.lr=5e-4")),
     "demo-r64": ("demo: LoRA rank 64", 80, demo_then("train.batch_size=8", "train.lora_r=64", "train.lora_alpha=128")),
     "demo-full": ("demo: full fine-tuning", 80, demo_then("train.batch_size=8", "train.params=full", "train.lr=1e-4")),
-    # bf16 training (train.bf16): ~1.7x faster steps on this CPU (AVX-512 BF16), so more data or epochs fit the
+    # bf16 training (train.bf16): ~1.5x faster steps on this CPU (AVX-512 BF16), so more data or epochs fit the
     # demo's minutes. At batch 2: these rows compare with demo-bs2.
     "demo-bf16": ("demo: bf16 training", 80, demo_then("train.bf16=true")),
     "demo-bf16-160": ("demo: bf16, 160 inputs (the demo now)", 160, ["experiment=demo", "train.bf16=true", "inputs.max_train=160"]),

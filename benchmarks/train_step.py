@@ -107,6 +107,8 @@ def main() -> None:
 
     import torch
 
+    from pipeline.stages.train import cpu_has_bf16
+
     results = []
     for case in ("in_place", "tag_rows", "in_place_bf16", "tag_rows_bf16"):
         command = [sys.executable, __file__, "--case", case, "--steps", str(args.steps), "--warmup", str(args.warmup),
@@ -120,7 +122,7 @@ def main() -> None:
     report = {
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                     "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-                    "cpu_bf16": bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())},
+                    "cpu_bf16": cpu_has_bf16()},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "settings": {"steps": args.steps, "warmup": args.warmup, "batch_size": args.batch_size},
         "results": results,

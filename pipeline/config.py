@@ -250,8 +250,8 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum: int = 1
     # Mixed precision for the training passes (bf16 autocast; weights, optimizer and losses stay float32), the
-    # usual choice on GPUs. On CPUs with AVX-512 BF16 or AMX (AMD Zen 4+, Intel Sapphire Rapids+) a step of the
-    # default model is ~2.3x faster than float32; on older CPUs it is slower. Generate and evaluate keep model.dtype.
+    # usual choice on GPUs. On CPUs with AVX-512 BF16 or AMX (AMD Zen 4+, Intel Sapphire Rapids+) the demo's LoRA
+    # step is ~1.5x faster than float32 (benchmarks/train_step.py); on older CPUs it is slower. Generate and evaluate keep model.dtype.
     # Under DeepSpeed it turns on DeepSpeed's bf16 mode instead (conf/deepspeed: bf16 weights, a float32 master copy).
     bf16: bool = False
     lr: float = 1e-3  # for LoRA / full weights

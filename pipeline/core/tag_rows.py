@@ -2,8 +2,8 @@
 
 Training a tag means training its row of the input embedding. Trained in place, that row makes the whole
 [vocab x d] matrix a parameter: every step computes its full gradient (SmolLM2 ties it to the LM head, so
-the head's weight gradient too), masks all but the tag rows, and runs Adam over 28M numbers, a third of a
-LoRA step's time on 2 CPU cores (benchmarks/bench.py, `tag_rows`). The tags' *output* rows never get a
+the head's weight gradient too), masks all but the tag rows, and runs Adam over 28M numbers, about a quarter
+of a LoRA step's time on 2 CPU cores (benchmarks/train_step.py: 3.13 against 2.28 s). The tags' *output* rows never get a
 gradient anyway: their logits are suppressed everywhere (the student reads tags, never writes them). So
 `attach` freezes the matrix and registers a [n_tags x d] parameter whose rows replace the tags' embeddings
 on the way in, the same function with the same gradient; `merge` writes them back into the matrix (input
@@ -44,18 +44,14 @@ def attached(embedding: torch.nn.Module) -> bool:
 def merged_weight(embedding: torch.nn.Embedding) -> torch.Tensor:
     """The embedding matrix with the trained tag rows written in (a copy; for checkpoints)."""
     weight = embedding.weight.detach().clone()
-    if attached(embedding):
-        weight[getattr(embedding, IDS)] = getattr(embedding, ROWS).detach().to(weight.dtype)
+    weight[getattr(embedding, IDS)] = getattr(embedding, ROWS).detach().to(weight.dtype)
     return weight
 
 
 @torch.no_grad()
 def load(embedding: torch.nn.Embedding, weight: torch.Tensor) -> None:
-    """Restore from a checkpoint's matrix (`merged_weight`): the tag rows, or the whole matrix when not attached."""
-    if attached(embedding):
-        getattr(embedding, ROWS).copy_(weight[getattr(embedding, IDS).cpu()])
-    else:
-        embedding.weight.copy_(weight)
+    """Restore the attached tag rows from a checkpoint's matrix (`merged_weight`)."""
+    getattr(embedding, ROWS).copy_(weight[getattr(embedding, IDS).cpu()])
 
 
 @torch.no_grad()

@@ -204,9 +204,9 @@ class DistillTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = os.path.join(resume_from_checkpoint, EMBEDDING_FILE)
-        if os.path.exists(path):
-            tag_rows.load((model or self.model).get_input_embeddings(), load_file(path)["weight"])
+        path, embedding = os.path.join(resume_from_checkpoint, EMBEDDING_FILE), (model or self.model).get_input_embeddings()
+        if os.path.exists(path) and tag_rows.attached(embedding):
+            tag_rows.load(embedding, load_file(path)["weight"])
 
     def _onpolicy_step_loss(self, model, inputs) -> torch.Tensor:
         """On- or off-policy, as drawn for this (step, micro-batch); the samples' seed depends on nothing else."""
