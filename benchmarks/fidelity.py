@@ -29,10 +29,15 @@ COMMON = ["stage=all", "metatoken=pirate"]
 DEMO_80 = ["experiment=demo", "inputs.max_train=80", "train.bf16=false"]  # the demo before 3 December 2026 (at its batch size)
 
 
+def replacing(base: list[str], overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """`base` then `overrides`, each key once (Hydra refuses a key given twice): an override replaces base's."""
+    keys = {o.split("=", 1)[0] for o in overrides}
+    return [o for o in base if o.split("=", 1)[0] not in keys] + list(overrides)
+
+
 def demo_then(*overrides: str) -> list[str]:
     """The demo of before 3 December 2026 with `overrides` (each key once: an override replaces DEMO_80's)."""
-    keys = {o.split("=", 1)[0] for o in overrides}
-    return [o for o in DEMO_80 if o.split("=", 1)[0] not in keys] + list(overrides)
+    return replacing(DEMO_80, overrides)
 
 # name -> (what it varies, x value for the plot, overrides). One generate run of all 256 shipped
 # training inputs serves every `data-N` run up to 256 (train.max_examples takes the first N);
@@ -76,6 +81,9 @@ RUNS: dict[str, tuple[str, float, list[str]]] = {
     "demo-bf16-untagged03": ("demo: bf16, untagged weight 0.3", 80, demo_then("train.bf16=true", "train.untagged_weight=0.3")),
     "demo-bf16-elr3e-3": ("demo: bf16, tag-row lr 3e-3", 80, demo_then("train.bf16=true", "train.embedding_lr=3e-3")),
     "demo-bf16-elr3e-2": ("demo: bf16, tag-row lr 3e-2", 80, demo_then("train.bf16=true", "train.embedding_lr=3e-2")),
+    # The quality preset on the other shipped single tags (README's quality table): what a user types.
+    **{f"quality-{tag}": ("quality preset", 768, ["experiment=quality", f"metatoken={tag}"])
+       for tag in ("nice", "concise", "authoritative_tone", "correct")},
 }
 SUMMARY = re.compile(r"^(synthesize|generate|extend|train|evaluate): .*-> (\S+)$")
 
@@ -111,18 +119,19 @@ def run_one(name: str) -> dict:
     """Run the pipeline for one study run (cached stages are reused) and collect its report."""
     group, x, overrides = RUNS[name]
     started = time.time()
-    folders = pipeline(name, [*COMMON, *overrides])
+    args = replacing(COMMON, overrides)
+    folders = pipeline(name, args)
     eval_dir = folders["evaluate"]
     report = json.loads((eval_dir / "report.json").read_text())
     if "recovery_ci" not in report["metrics"] or "per_input" not in report:  # scored before these existed: score again
-        args = [a for a in COMMON if not a.startswith("stage=")] + overrides + ["stage=evaluate", "force=true"]
+        args = replacing([a for a in args if not a.startswith("stage=")], ["stage=evaluate", "force=true"])
         eval_dir = pipeline(name, args)["evaluate"]
         report = json.loads((eval_dir / "report.json").read_text())
     train_dir = Path(report["inputs"]["train"])
     return {
         "group": group,
         "x": x,
-        "command": "python -m pipeline " + " ".join(COMMON + overrides),
+        "command": "python -m pipeline " + " ".join(replacing(COMMON, overrides)),
         "metrics": report["metrics"],
         "heldout_examples": report["heldout_examples"],
         "scored_tokens": report["scored_tokens"],

@@ -67,3 +67,12 @@ def test_a_probe_enters_the_evaluate_key_only():
     for other in (edited, none):
         assert {k: v for k, v in other.items() if k != "evaluate"} == {k: v for k, v in shipped.items() if k != "evaluate"}
     assert len({edited["evaluate"], shipped["evaluate"], none["evaluate"]}) == 3
+
+
+def test_the_quality_preset_is_the_fidelity_row_it_reports():
+    """conf/experiment/quality.yaml and the README quote row data-768-e3-bf16 of benchmarks/fidelity.py: the
+    preset must give that row's keys (the same outputs), or its quoted recovery belongs to another recipe."""
+    preset = stage_hashes(["experiment=quality", "metatoken=pirate"])
+    row = stage_hashes(["stage=all", "metatoken=pirate", "inputs.synthetic.count=512", "train.bf16=true"])
+    assert preset == row
+    assert preset != stage_hashes(["stage=all", "metatoken=pirate", "inputs.synthetic.count=512"])  # bf16 is in the key
