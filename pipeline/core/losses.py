@@ -148,6 +148,33 @@ def position_means(per_example: list[torch.Tensor]) -> tuple[list[float], list[i
     return (sums / counts.clamp_min(1)).tolist(), counts.tolist()
 
 
+ANSWER_BINS = (0, 1, 4, 16)  # bin starts along the answer (tokens): its first token, the next 3, the next 12, the rest
+
+
+def recovery_by_position(effect_tokens, residual_tokens, starts=ANSWER_BINS, resamples: int = 1000, seed: int = 0) -> list[dict]:
+    """Where along the answer the tag recovers the prompt's effect: recovery within bins of answer positions.
+
+    Bin i holds positions [starts[i], starts[i+1]) (the last bin runs to the end). Each bin gives its share of
+    the total effect, its token-weighted recovery and that recovery's 95% bootstrap interval over inputs (each
+    input's KLs summed within the bin). Bins no answer reaches are left out.
+    """
+    bounds = list(starts) + [None]
+    total = sum(float(e.sum()) for e in effect_tokens)
+    out = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        effect = [float(e[lo:hi].sum()) for e in effect_tokens]
+        residual = [float(r[lo:hi].sum()) for r in residual_tokens]
+        tokens = sum(len(e[lo:hi]) for e in effect_tokens)
+        if tokens == 0 or sum(effect) <= 0:
+            continue
+        out.append({
+            "start": lo, "end": hi, "tokens": tokens, "effect_share": sum(effect) / total,
+            "recovery": recovery(sum(effect), sum(residual)),
+            "recovery_ci": list(bootstrap_interval(pooled_recovery, residual, effect, resamples=resamples, seed=seed)),
+        })
+    return out
+
+
 def pooled_recovery(residual_sums, effect_sums):
     """Token-weighted recovery over inputs: 1 - sum(residual) / sum(effect).
 

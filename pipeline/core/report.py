@@ -286,6 +286,12 @@ def detail_blocks(r: dict, several: bool) -> list[tuple]:
         f"{m['teacher_context_tokens']:.0f} tokens on average, student {m['student_context_tokens']:.0f}. "
         f"{_fit_and_drift(m)}Folder: `{_relative(r.get('output', r['folder']))}`.",
     ))
+    bins = r.get("per_position", {}).get("recovery_bins")
+    if bins:  # reports from before it have none
+        out.append(("p", "Recovery along the answer (held-out inputs, the first tag set; 95% intervals over inputs):"))
+        out.append(("table", ["answer", "share of the effect", "recovery"], [
+            [_answer_span(b), f"{b['effect_share']:.2f}", f"{b['recovery']:.3f} ({interval(b['recovery_ci'], 3)})"] for b in bins
+        ]))
     out.append(("h3", "Samples (held-out inputs)"))
     for s in r["samples"]:
         out.append(("sample", s["input"], [
@@ -329,6 +335,13 @@ def _fit_and_drift(m: dict) -> str:
     if m.get("drift_kl_ci"):
         text += f"Drift 95% interval {interval(m['drift_kl_ci'], 5)}. "
     return text
+
+
+def _answer_span(b: dict) -> str:
+    """Positions [start, end) of a recovery bin as 1-based answer tokens: "token 1", "tokens 2-4", "tokens 17 on"."""
+    if b["end"] is None:
+        return f"tokens {b['start'] + 1} on"
+    return f"token {b['start'] + 1}" if b["end"] == b["start"] + 1 else f"tokens {b['start'] + 1}-{b['end']}"
 
 
 def _relative(path: str) -> str:

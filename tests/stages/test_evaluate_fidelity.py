@@ -46,6 +46,12 @@ def continuation_logprobs(model, ctx, out, vocab):
 
 def plain_loop(run, rows):
     """Per-input sums of effect KL(teacher || base) and residual KL(teacher || student), one input at a time."""
+    effects, residuals = plain_loop_tokens(run, rows)
+    return [e.sum().item() for e in effects], [r.sum().item() for r in residuals]
+
+
+def plain_loop_tokens(run, rows):
+    """Effect and residual KL at every answer token, one input at a time."""
     base = AutoModelForCausalLM.from_pretrained(run.model)
     student = AutoModelForCausalLM.from_pretrained(run.train_dir)
     base_tok, student_tok = AutoTokenizer.from_pretrained(run.model), AutoTokenizer.from_pretrained(run.train_dir)
@@ -56,8 +62,8 @@ def plain_loop(run, rows):
         p = continuation_logprobs(base, context(base_tok, PROMPT, r["input"]), out, vocab)
         q_base = continuation_logprobs(base, context(base_tok, None, r["input"]), out, vocab)
         q_student = continuation_logprobs(student, context(student_tok, "<kind>", r["input"]), out, vocab)
-        effects.append((p.exp() * (p - q_base)).sum().item())
-        residuals.append((p.exp() * (p - q_student)).sum().item())
+        effects.append((p.exp() * (p - q_base)).sum(-1))
+        residuals.append((p.exp() * (p - q_student)).sum(-1))
     return effects, residuals
 
 
@@ -81,6 +87,26 @@ def test_heldout_and_train_input_recovery_equal_a_plain_loop(run):
     assert [e["tokens"] for e in per_input] == [len(r["output_ids"]) for r in heldout]
     tokens = sum(len(r["output_ids"]) for r in trained)
     assert m["train_effect_kl"] == pytest.approx(sum(plain_loop(run, trained)[0]) / tokens, abs=1e-5)
+
+
+def test_recovery_along_the_answer_equals_a_plain_loop_per_bin(run):
+    """report.json's recovery bins (answer tokens 1, 2-4, 5-16, 17 on) against per-token KLs from a plain loop,
+    and the table in report.md."""
+    heldout = [r for r in run.rows if r["split"] == "heldout"]
+    effects, residuals = plain_loop_tokens(run, heldout)
+    bins = run.report["per_position"]["recovery_bins"]
+    longest = max(len(e) for e in effects)
+    starts = [s for s in (0, 1, 4, 16) if s < longest]
+    assert [b["start"] for b in bins] == starts
+    for b in bins:
+        lo, hi = b["start"], b["end"] or longest
+        e = sum(x[lo:hi].sum().item() for x in effects)
+        r = sum(x[lo:hi].sum().item() for x in residuals)
+        assert b["recovery"] == pytest.approx(1 - r / e, abs=1e-4)
+        assert b["effect_share"] == pytest.approx(e / sum(x.sum().item() for x in effects), abs=1e-4)
+        assert b["recovery_ci"][0] <= b["recovery"] <= b["recovery_ci"][1]
+    markdown = (run.train_dir.parents[1] / "evaluate").glob("*/report.md")
+    assert "Recovery along the answer" in next(markdown).read_text()
 
 
 def test_probe_is_reported_for_base_teacher_and_student(run):

@@ -210,3 +210,26 @@ def test_paired_difference_on_cases_with_known_answers():
     # run on its own swings between 0.25 and 0.75 (A) or 0.5 and 1 (B) as the inputs are resampled.
     diff, low, high = paired_difference([1, 3], [4, 4], [0, 2], [4, 4])
     assert (diff, low, high) == (pytest.approx(0.25), pytest.approx(0.25), pytest.approx(0.25))
+
+
+def test_recovery_by_position_bins_the_answer_and_matches_a_hand_count():
+    """Bins [0,1), [1,4), [4,16), [16,...): each bin's recovery is 1 - its residual sum / its effect sum over
+    every input, its share the bin's effect over all; a bin no answer reaches is left out."""
+    from pipeline.core.losses import bootstrap_interval, pooled_recovery, recovery_by_position
+
+    gen = torch.Generator().manual_seed(0)
+    effect = [torch.rand(n, generator=gen) for n in (20, 3, 9)]
+    residual = [e * torch.rand(len(e), generator=gen) for e in effect]
+    bins = recovery_by_position(effect, residual, resamples=200, seed=1)
+    assert [(b["start"], b["end"]) for b in bins] == [(0, 1), (1, 4), (4, 16), (16, None)]
+    total = sum(e.sum().item() for e in effect)
+    for b, (lo, hi) in zip(bins, [(0, 1), (1, 4), (4, 16), (16, 99)]):
+        e_sum = [sum(e[t].item() for t in range(lo, min(hi, len(e)))) for e in effect]
+        r_sum = [sum(r[t].item() for t in range(lo, min(hi, len(r)))) for r in residual]
+        assert b["tokens"] == sum(max(0, min(hi, len(e)) - lo) for e in effect)
+        assert b["recovery"] == pytest.approx(1 - sum(r_sum) / sum(e_sum), rel=1e-6)
+        assert b["effect_share"] == pytest.approx(sum(e_sum) / total, rel=1e-6)
+        # inputs that do not reach the bin add zeros to it, and resample like any other
+        assert b["recovery_ci"] == pytest.approx(list(bootstrap_interval(pooled_recovery, r_sum, e_sum, resamples=200, seed=1)))
+    assert sum(b["effect_share"] for b in bins) == pytest.approx(1.0)
+    assert [b["start"] for b in recovery_by_position([e[:3] for e in effect], [r[:3] for r in residual])] == [0, 1]
