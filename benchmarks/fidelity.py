@@ -10,6 +10,7 @@ Results (the evaluate report's numbers, the stage timings, the command) go to
     python benchmarks/fidelity.py run data-256 data-64      # run (or reuse) named runs, in order
     python benchmarks/fidelity.py table                     # docs/fidelity/table.md + learning_curve.png
     python benchmarks/fidelity.py compare demo demo-bs2     # B - A recovery on the same inputs, paired interval
+    python benchmarks/fidelity.py positions demo data-256   # recovery along the answer (tokens 1, 2-4, 5-16, 17 on)
 
 Runs on the CPU use `OMP_NUM_THREADS` from the environment (set it to 1 on a shared machine).
 """
@@ -141,7 +142,14 @@ def run_one(name: str) -> dict:
         "wall_seconds_this_call": round(time.time() - started, 1),
         "evaluate_dir": str(eval_dir.relative_to(ROOT)),
         "per_input": next(iter(report["per_input"].values())),  # held-out KL sums per input, for `compare`
+        "by_position": answer_bins(report),  # for `positions`
     }
+
+
+def answer_bins(report: dict) -> list[dict]:
+    """The report's recovery along the answer; for reports from before it, pooled from the per-position means."""
+    pp = report["per_position"]
+    return pp.get("recovery_bins") or bins_from_means(pp["effect_kl"], pp["residual_kl"], pp["count"])
 
 
 def run_study(study: str, names: list[str], runs: dict, run_one, results_path: Path) -> None:
@@ -176,6 +184,39 @@ def compare(a: str, b: str) -> None:
         raise SystemExit(f"fidelity: {a} and {b} were scored on different held-out inputs; a paired difference needs the same ones.")
     diff, low, high = paired_difference(*([e[k] for e in rows] for rows in (ra, rb) for k in ("residual", "effect")))
     print(f"{b} - {a}: recovery {diff:+.3f} [{low:+.3f}, {high:+.3f}] (95%, {len(ra)} inputs resampled jointly)")
+
+
+def positions(names: list[str]) -> None:
+    """Recovery within bins of answer positions, as stored for each run (with intervals where its report had them;
+    reports from before `per_position.recovery_bins` existed give the pooled figure from their per-position means)."""
+    results = load_results()
+    for name in names or list(results):
+        bins = results[name].get("by_position")
+        if bins is None:
+            print(f"{name:24s} no recovery along the answer stored. Fix: python benchmarks/fidelity.py run {name}")
+            continue
+        cells = [f"{span(b)}: {b['effect_share']:.2f} of effect, "
+                 f"{b['recovery']:.3f}" + (f" [{b['recovery_ci'][0]:.3f}, {b['recovery_ci'][1]:.3f}]" if b.get("recovery_ci") else "")
+                 for b in bins]
+        print(f"{name:24s} {results[name]['metrics']['recovery']:.3f} | " + " | ".join(cells))
+
+
+def span(b: dict) -> str:
+    """A bin's answer tokens, 1-based: "1", "2-4", "17+"."""
+    first = b["start"] + 1
+    return f"{first}+" if b["end"] is None else str(first) if b["end"] == first else f"{first}-{b['end']}"
+
+
+def bins_from_means(effect: list, residual: list, count: list, starts=(0, 1, 4, 16)) -> list[dict]:
+    """The bins' pooled recovery from per-position means x counts (no interval: per-input sums were not kept)."""
+    bounds, total = [*starts, None], sum(e * c for e, c in zip(effect, count))
+    out = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        e = sum(x * c for x, c in zip(effect[lo:hi], count[lo:hi]))
+        r = sum(x * c for x, c in zip(residual[lo:hi], count[lo:hi]))
+        if e > 0:
+            out.append({"start": lo, "end": hi, "effect_share": e / total, "recovery": 1 - r / e})
+    return out
 
 
 def probe_retention(metrics: dict) -> str:
@@ -250,7 +291,7 @@ def plot(results: dict) -> None:
 
 
 def main(argv: list[str]) -> None:
-    if not argv or argv[0] not in ("list", "run", "table", "compare"):
+    if not argv or argv[0] not in ("list", "run", "table", "compare", "positions"):
         raise SystemExit(__doc__)
     if argv[0] == "list":
         done = load_results()
@@ -262,6 +303,8 @@ def main(argv: list[str]) -> None:
         compare(argv[1], argv[2])
     elif argv[0] == "table":
         table()
+    elif argv[0] == "positions":
+        positions(argv[1:])
     else:
         raise SystemExit(__doc__)
 
