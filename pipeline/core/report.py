@@ -286,11 +286,14 @@ def detail_blocks(r: dict, several: bool) -> list[tuple]:
         f"{m['teacher_context_tokens']:.0f} tokens on average, student {m['student_context_tokens']:.0f}. "
         f"{_fit_and_drift(m)}Folder: `{_relative(r.get('output', r['folder']))}`.",
     ))
-    bins = r.get("per_position", {}).get("recovery_bins")
-    if bins:  # reports from before it have none
-        out.append(("p", "Recovery along the answer (held-out inputs, the first tag set; 95% intervals over inputs):"))
-        out.append(("table", ["answer", "share of the effect", "recovery"], [
-            [_answer_span(b), f"{b['effect_share']:.2f}", f"{b['recovery']:.3f} ({interval(b['recovery_ci'], 3)})"] for b in bins
+    pp = r.get("per_position", {})
+    if pp.get("recovery_bins"):  # reports from before it have none
+        fit = {b["start"]: b for b in pp.get("train_recovery_bins", [])}
+        out.append(("p", "Recovery along the answer (the first tag set; 95% intervals over inputs):"))
+        out.append(("table", ["answer", "share of the effect", "recovery, held-out", "recovery, training inputs"], [
+            [_answer_span(b), f"{b['effect_share']:.2f}", f"{b['recovery']:.3f} ({interval(b['recovery_ci'], 3)})",
+             f"{fit[b['start']]['recovery']:.3f} ({interval(fit[b['start']]['recovery_ci'], 3)})" if b["start"] in fit else "–"]
+            for b in pp["recovery_bins"]
         ]))
     out.append(("h3", "Samples (held-out inputs)"))
     for s in r["samples"]:

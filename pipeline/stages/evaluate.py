@@ -250,9 +250,11 @@ def score_all(cfg, job: Job, paths: StagePaths, heldout: dict, trained: dict, st
     tok, model = load_scored_model(train_dir, job, cfg)
     scores, samples, residual_tokens = score_student(model, tok, job, cfg, heldout, trained, base.ref, tag_ids)
     per_position["residual_kl"] = position_means(residual_tokens["heldout"][first])[0]
-    per_position["recovery_bins"] = recovery_by_position(  # where along the answer the tag falls short
-        base.ref["heldout"][first]["effect_tokens"], residual_tokens["heldout"][first], resamples=cfg.evaluate.resamples, seed=cfg.evaluate.seed
-    )
+    for split, key in (("heldout", "recovery_bins"), ("train", "train_recovery_bins")):  # where along the answer the tag falls short
+        if first in residual_tokens[split]:  # (fit: on the training inputs, beside held-out)
+            per_position[key] = recovery_by_position(
+                base.ref[split][first]["effect_tokens"], residual_tokens[split][first], resamples=cfg.evaluate.resamples, seed=cfg.evaluate.seed
+            )
     cross = {"prompts": base.cross_prompts, "tags": crosstag.tag_cells(model, tok, job, heldout, base.ref, cfg, tag_ids)} if base.cross_prompts is not None else None
     ctx_residual = contexts.score(model, tok, job, cfg, base.contexts, tag_ids) if base.contexts else None
     drift.update(untagged_drift(model, tok, base, cfg, tag_ids, ""))

@@ -93,20 +93,22 @@ def test_recovery_along_the_answer_equals_a_plain_loop_per_bin(run):
     """report.json's recovery bins (answer tokens 1, 2-4, 5-16, 17 on) against per-token KLs from a plain loop,
     and the table in report.md."""
     heldout = [r for r in run.rows if r["split"] == "heldout"]
-    effects, residuals = plain_loop_tokens(run, heldout)
-    bins = run.report["per_position"]["recovery_bins"]
-    longest = max(len(e) for e in effects)
-    starts = [s for s in (0, 1, 4, 16) if s < longest]
-    assert [b["start"] for b in bins] == starts
-    for b in bins:
-        lo, hi = b["start"], b["end"] or longest
-        e = sum(x[lo:hi].sum().item() for x in effects)
-        r = sum(x[lo:hi].sum().item() for x in residuals)
-        assert b["recovery"] == pytest.approx(1 - r / e, abs=1e-4)
-        assert b["effect_share"] == pytest.approx(e / sum(x.sum().item() for x in effects), abs=1e-4)
-        assert b["recovery_ci"][0] <= b["recovery"] <= b["recovery_ci"][1]
-    markdown = (run.train_dir.parents[1] / "evaluate").glob("*/report.md")
-    assert "Recovery along the answer" in next(markdown).read_text()
+    trained = [r for r in run.rows if r["split"] == "train" and r["tags"] == ["<kind>"]][:5]
+    for rows, key in ((heldout, "recovery_bins"), (trained, "train_recovery_bins")):
+        effects, residuals = plain_loop_tokens(run, rows)
+        bins = run.report["per_position"][key]
+        longest = max(len(e) for e in effects)
+        starts = [s for s in (0, 1, 4, 16) if s < longest]
+        assert [b["start"] for b in bins] == starts, key
+        for b in bins:
+            lo, hi = b["start"], b["end"] or longest
+            e = sum(x[lo:hi].sum().item() for x in effects)
+            r = sum(x[lo:hi].sum().item() for x in residuals)
+            assert b["recovery"] == pytest.approx(1 - r / e, abs=1e-4), key
+            assert b["effect_share"] == pytest.approx(e / sum(x.sum().item() for x in effects), abs=1e-4), key
+            assert b["recovery_ci"][0] <= b["recovery"] <= b["recovery_ci"][1], key
+    markdown = next((run.train_dir.parents[1] / "evaluate").glob("*/report.md")).read_text()
+    assert "Recovery along the answer" in markdown and "recovery, training inputs" in markdown
 
 
 def test_probe_is_reported_for_base_teacher_and_student(run):
