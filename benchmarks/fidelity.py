@@ -82,6 +82,12 @@ RUNS: dict[str, tuple[str, float, list[str]]] = {
     "demo-bf16-untagged03": ("demo: bf16, untagged weight 0.3", 80, demo_then("train.bf16=true", "train.untagged_weight=0.3")),
     "demo-bf16-elr3e-3": ("demo: bf16, tag-row lr 3e-3", 80, demo_then("train.bf16=true", "train.embedding_lr=3e-3")),
     "demo-bf16-elr3e-2": ("demo: bf16, tag-row lr 3e-2", 80, demo_then("train.bf16=true", "train.embedding_lr=3e-2")),
+    # Where the tag sits: the demo on multi-turn conversations with the prompt (teacher) and the tag (student) in the
+    # system message or in the last user turn, right before the answer (docs/fidelity.md, "Where the residual is").
+    "conv-system": ("demo on conversations: tag in the system message", 58,
+                    ["experiment=demo", "inputs.file=${paths.data}/inputs/conversations.jsonl"]),
+    "conv-last-user": ("demo on conversations: tag in the last user turn", 58,
+                       ["experiment=demo", "inputs.file=${paths.data}/inputs/conversations.jsonl", "inputs.prompt_position=last_user"]),
     # The quality preset on the other shipped single tags (README's quality table): what a user types.
     **{f"quality-{tag}": ("quality preset", 768, ["experiment=quality", f"metatoken={tag}"])
        for tag in ("nice", "concise", "authoritative_tone", "correct")},
