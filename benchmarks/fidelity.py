@@ -131,14 +131,14 @@ def run_one(name: str) -> dict:
     eval_dir = folders["evaluate"]
     report = json.loads((eval_dir / "report.json").read_text())
     if "recovery_ci" not in report["metrics"] or "per_input" not in report:  # scored before these existed: score again
-        args = replacing([a for a in args if not a.startswith("stage=")], ["stage=evaluate", "force=true"])
-        eval_dir = pipeline(name, args)["evaluate"]
+        rescore = replacing([a for a in args if not a.startswith("stage=")], ["stage=evaluate", "force=true"])
+        eval_dir = pipeline(name, rescore)["evaluate"]
         report = json.loads((eval_dir / "report.json").read_text())
     train_dir = Path(report["inputs"]["train"])
     return {
         "group": group,
         "x": x,
-        "command": "python -m pipeline " + " ".join(replacing(COMMON, overrides)),
+        "command": "python -m pipeline " + " ".join(args),
         "metrics": report["metrics"],
         "heldout_examples": report["heldout_examples"],
         "scored_tokens": report["scored_tokens"],
@@ -154,6 +154,7 @@ def run_one(name: str) -> dict:
 
 def answer_bins(report: dict) -> list[dict]:
     """The report's recovery along the answer; for reports from before it, pooled from the per-position means."""
+    sys.path.insert(0, str(ROOT))  # for bins_from_means (the script runs from benchmarks/)
     pp = report["per_position"]
     return pp.get("recovery_bins") or bins_from_means(pp["effect_kl"], pp["residual_kl"], pp["count"])
 
@@ -195,34 +196,33 @@ def compare(a: str, b: str) -> None:
 def positions(names: list[str]) -> None:
     """Recovery within bins of answer positions, as stored for each run (with intervals where its report had them;
     reports from before `per_position.recovery_bins` existed give the pooled figure from their per-position means)."""
+    sys.path.insert(0, str(ROOT))  # imported here so list/table need no torch
+    from pipeline.core.report import answer_span
+
     results = load_results()
     for name in names or list(results):
         bins = results[name].get("by_position")
         if bins is None:
             print(f"{name:24s} no recovery along the answer stored. Fix: python benchmarks/fidelity.py run {name}")
             continue
-        cells = [f"{span(b)}: {b['effect_share']:.2f} of effect, "
+        cells = [f"{answer_span(b)}: {b['effect_share']:.2f} of effect, "
                  f"{b['recovery']:.3f}" + (f" [{b['recovery_ci'][0]:.3f}, {b['recovery_ci'][1]:.3f}]" if b.get("recovery_ci") else "")
                  for b in bins]
         print(f"{name:24s} {results[name]['metrics']['recovery']:.3f} | " + " | ".join(cells))
 
 
-def span(b: dict) -> str:
-    """A bin's answer tokens, 1-based: "1", "2-4", "17+"."""
-    first = b["start"] + 1
-    return f"{first}+" if b["end"] is None else str(first) if b["end"] == first else f"{first}-{b['end']}"
+def bins_from_means(effect: list, residual: list, count: list) -> list[dict]:
+    """The bins of `losses.recovery_by_position` from per-position means x counts: the inputs pooled into one
+    (per-input sums were not kept), so the same recovery and share, and no interval."""
+    import torch
 
+    from pipeline.core.losses import recovery_by_position
 
-def bins_from_means(effect: list, residual: list, count: list, starts=(0, 1, 4, 16)) -> list[dict]:
-    """The bins' pooled recovery from per-position means x counts (no interval: per-input sums were not kept)."""
-    bounds, total = [*starts, None], sum(e * c for e, c in zip(effect, count))
-    out = []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        e = sum(x * c for x, c in zip(effect[lo:hi], count[lo:hi]))
-        r = sum(x * c for x, c in zip(residual[lo:hi], count[lo:hi]))
-        if e > 0:
-            out.append({"start": lo, "end": hi, "effect_share": e / total, "recovery": 1 - r / e})
-    return out
+    def pooled(means):
+        return [torch.tensor([m * c for m, c in zip(means, count)], dtype=torch.float64)]
+
+    bins = recovery_by_position(pooled(effect), pooled(residual), resamples=0)
+    return [{k: b[k] for k in ("start", "end", "effect_share", "recovery")} for b in bins]
 
 
 def probe_retention(metrics: dict) -> str:

@@ -291,7 +291,7 @@ def detail_blocks(r: dict, several: bool) -> list[tuple]:
         fit = {b["start"]: b for b in pp.get("train_recovery_bins", [])}
         out.append(("p", "Recovery along the answer (the first tag set; 95% intervals over inputs):"))
         out.append(("table", ["answer", "share of the effect", "recovery, held-out", "recovery, training inputs"], [
-            [_answer_span(b), f"{b['effect_share']:.2f}", f"{b['recovery']:.3f} ({interval(b['recovery_ci'], 3)})",
+            [answer_span(b), f"{b['effect_share']:.2f}", f"{b['recovery']:.3f} ({interval(b['recovery_ci'], 3)})",
              f"{fit[b['start']]['recovery']:.3f} ({interval(fit[b['start']]['recovery_ci'], 3)})" if b["start"] in fit else "–"]
             for b in pp["recovery_bins"]
         ]))
@@ -340,7 +340,7 @@ def _fit_and_drift(m: dict) -> str:
     return text
 
 
-def _answer_span(b: dict) -> str:
+def answer_span(b: dict) -> str:
     """Positions [start, end) of a recovery bin as 1-based answer tokens: "token 1", "tokens 2-4", "tokens 17 on"."""
     if b["end"] is None:
         return f"tokens {b['start'] + 1} on"
