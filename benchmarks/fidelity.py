@@ -82,6 +82,12 @@ RUNS: dict[str, tuple[str, float, list[str]]] = {
     "demo-bf16-untagged03": ("demo: bf16, untagged weight 0.3", 80, demo_then("train.bf16=true", "train.untagged_weight=0.3")),
     "demo-bf16-elr3e-3": ("demo: bf16, tag-row lr 3e-3", 80, demo_then("train.bf16=true", "train.embedding_lr=3e-3")),
     "demo-bf16-elr3e-2": ("demo: bf16, tag-row lr 3e-2", 80, demo_then("train.bf16=true", "train.embedding_lr=3e-2")),
+    # The untagged term on the model's own answers: instead of KL(start || student) on the teacher's (piratey) answers
+    # read without the tag, every training input is also answered by the base model without prompt (a paired mixture),
+    # and the student reading no tag learns those answers' recorded top-32: untagged behaviour is held where drift is
+    # measured, on the model's own text, and the tag no longer has to undo the teacher's answer it sits before.
+    "demo-own-untagged": ("demo: untagged term on the model's own answers", 160,
+                          ["experiment=demo", "mixture.paired=true", "mixture.untagged=0.99", "train.untagged_weight=0"]),
     # Where the tag sits: the demo on multi-turn conversations with the prompt (teacher) and the tag (student) in the
     # system message or in the last user turn, right before the answer (docs/fidelity.md, "Where the residual is").
     "conv-system": ("demo on conversations: tag in the system message", 58,
