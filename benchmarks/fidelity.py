@@ -97,6 +97,14 @@ RUNS: dict[str, tuple[str, float, list[str]]] = {
     # The quality preset on the other shipped single tags (README's quality table): what a user types.
     **{f"quality-{tag}": ("quality preset", 768, ["experiment=quality", f"metatoken={tag}"])
        for tag in ("nice", "concise", "authoritative_tone", "correct")},
+    # The nested tag with the quality recipe: <kind_expert> = <nice> + <authoritative_tone> + a sentence, the teacher
+    # reading the fully expanded prompt (generate.teacher_mode=expand, the default).
+    "quality-kind_expert": ("quality preset, nested tag", 768, ["experiment=quality", "metatoken=kind_expert"]),
+    # Remix with the quality recipe: <nice> and <authoritative_tone> each trained alone on every input (paired, so each
+    # tag gets the single-tag quality data), their pair never trained together and scored as a held-out combination.
+    "quality-remix-pair": ("quality preset, remix (pair held out)", 768,
+                           ["experiment=quality", "mixture.sets=[[nice],[authoritative_tone]]", "mixture.weights=[1,1]",
+                            "mixture.paired=true", "mixture.order=random", "mixture.heldout_sets=[[nice,authoritative_tone]]"]),
 }
 SUMMARY = re.compile(r"^(synthesize|generate|extend|train|evaluate): .*-> (\S+)$")
 
