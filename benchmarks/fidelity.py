@@ -88,6 +88,9 @@ RUNS: dict[str, tuple[str, float, list[str]]] = {
     # measured, on the model's own text, and the tag no longer has to undo the teacher's answer it sits before.
     "demo-own-untagged": ("demo: untagged term on the model's own answers", 160,
                           ["experiment=demo", "mixture.paired=true", "mixture.untagged=0.99", "train.untagged_weight=0"]),
+    # The online full-vocabulary teacher (train.teacher=online: the teacher's whole distribution computed from the
+    # prompt cache, instead of the 32 recorded log-probs) on the demo, with the per-bin figures.
+    "demo-online": ("demo: online full-vocabulary teacher", 160, ["experiment=demo", "train.teacher=online"]),
     # Where the tag sits: the demo on multi-turn conversations with the prompt (teacher) and the tag (student) in the
     # system message or in the last user turn, right before the answer (docs/fidelity.md, "Where the residual is").
     "conv-system": ("demo on conversations: tag in the system message", 58,
