@@ -76,3 +76,28 @@ def test_the_quality_preset_is_the_fidelity_row_it_reports():
     row = stage_hashes(["stage=all", "metatoken=pirate", "inputs.synthetic.count=512", "train.bf16=true"])
     assert preset == row
     assert preset != stage_hashes(["stage=all", "metatoken=pirate", "inputs.synthetic.count=512"])  # bf16 is in the key
+
+
+def fidelity_rows() -> dict:
+    """benchmarks/fidelity.py's RUNS (a script, not a package: loaded from its path)."""
+    import importlib.util
+
+    from pipeline.config import PROJECT_ROOT
+
+    spec = importlib.util.spec_from_file_location("fidelity_study", PROJECT_ROOT / "benchmarks" / "fidelity.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return {name: module.replacing(module.COMMON, overrides) for name, (_, _, overrides) in module.RUNS.items()}
+
+
+def test_every_fidelity_row_passes_the_checks_a_run_makes_first(tmp_path):
+    """Each row of the study is a command a later session starts for 10-80 minutes of CPU: a typo in its overrides
+    (a key, a value, a tag set) must fail here, not after synthesis and generation have spent their time."""
+    from pipeline.__main__ import check_before_running
+
+    rows = fidelity_rows()
+    assert "quality-remix-pair" in rows and "demo-own-untagged" in rows
+    for name, args in rows.items():
+        check_before_running(compose([*args, f"paths.outputs={tmp_path}"]))
+    with pytest.raises(Exception, match="untagged"):  # the checks do refuse a bad row
+        check_before_running(compose([*rows["demo-own-untagged"], "mixture.untagged=1.5", f"paths.outputs={tmp_path}"]))
