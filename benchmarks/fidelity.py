@@ -91,6 +91,10 @@ RUNS: dict[str, tuple[str, float, list[str]]] = {
     # The online full-vocabulary teacher (train.teacher=online: the teacher's whole distribution computed from the
     # prompt cache, instead of the 32 recorded log-probs) on the demo, with the per-bin figures.
     "demo-online": ("demo: online full-vocabulary teacher", 160, ["experiment=demo", "train.teacher=online"]),
+    # On-policy distillation at the demo's size: half the steps sample from the student and the online teacher scores
+    # its tokens (reverse KL), the other half are the recorded off-policy steps.
+    "demo-onpolicy-half": ("demo: on-policy, half the steps", 160,
+                           ["experiment=demo", "train.objective=onpolicy", "train.onpolicy_share=0.5"]),
     # Where the tag sits: the demo on multi-turn conversations with the prompt (teacher) and the tag (student) in the
     # system message or in the last user turn, right before the answer (docs/fidelity.md, "Where the residual is").
     "conv-system": ("demo on conversations: tag in the system message", 58,
