@@ -78,8 +78,9 @@ def test_the_quality_preset_is_the_fidelity_row_it_reports():
     assert preset != stage_hashes(["stage=all", "metatoken=pirate", "inputs.synthetic.count=512"])  # bf16 is in the key
 
 
+
 def fidelity_rows() -> dict:
-    """benchmarks/fidelity.py's RUNS (a script, not a package: loaded from its path)."""
+    """benchmarks/fidelity.py's RUNS as the argument lists it runs (a script, not a package: loaded from its path)."""
     import importlib.util
 
     from pipeline.config import PROJECT_ROOT
@@ -90,14 +91,21 @@ def fidelity_rows() -> dict:
     return {name: module.replacing(module.COMMON, overrides) for name, (_, _, overrides) in module.RUNS.items()}
 
 
-def test_every_fidelity_row_passes_the_checks_a_run_makes_first(tmp_path):
+FIDELITY_ROWS = fidelity_rows()
+
+
+@pytest.mark.parametrize("name", FIDELITY_ROWS)
+def test_every_fidelity_row_passes_the_checks_a_run_makes_first(name, tmp_path):
     """Each row of the study is a command a later session starts for 10-80 minutes of CPU: a typo in its overrides
     (a key, a value, a tag set) must fail here, not after synthesis and generation have spent their time."""
     from pipeline.__main__ import check_before_running
 
-    rows = fidelity_rows()
-    assert "quality-remix-pair" in rows and "demo-own-untagged" in rows
-    for name, args in rows.items():
-        check_before_running(compose([*args, f"paths.outputs={tmp_path}"]))
-    with pytest.raises(Exception, match="untagged"):  # the checks do refuse a bad row
-        check_before_running(compose([*rows["demo-own-untagged"], "mixture.untagged=1.5", f"paths.outputs={tmp_path}"]))
+    check_before_running(compose([*FIDELITY_ROWS[name], f"paths.outputs={tmp_path}"]))
+
+
+def test_the_checks_refuse_a_bad_fidelity_row(tmp_path):
+    from pipeline.__main__ import check_before_running
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="mixture.untagged"):
+        check_before_running(compose([*FIDELITY_ROWS["demo-own-untagged"], "mixture.untagged=1.5", f"paths.outputs={tmp_path}"]))
