@@ -40,6 +40,12 @@ def demo_then(*overrides: str) -> list[str]:
     """The demo of before 3 December 2026 with `overrides` (each key once: an override replaces DEMO_80's)."""
     return replacing(DEMO_80, overrides)
 
+PRETRAIN = ["experiment=pretrain_demo", "train.params=lora", "inputs.max_train=null", "inputs.max_heldout=null",
+            "mixture.paired=true", "mixture.untagged=0.99", "train.pretrain.plain_from=untagged"]
+
+SYNTHETIC_OPENINGS = ["inputs.synthetic.count=384", "inputs.synthetic.kind=openings", "inputs.synthetic.max_new_tokens=64",
+                      "inputs.synthetic.max_words=80"]
+
 # name -> (what it varies, x value for the plot, overrides). One generate run of all 256 shipped
 # training inputs serves every `data-N` run up to 256 (train.max_examples takes the first N);
 # beyond 256 the model's own synthesized requests are added (stage synthesize).
@@ -112,6 +118,20 @@ RUNS: dict[str, tuple[str, float, list[str]]] = {
     "quality-remix-pair": ("quality preset, remix (pair held out)", 768,
                            ["experiment=quality", "mixture.sets=[[nice],[authoritative_tone]]", "mixture.weights=[1,1]",
                             "mixture.paired=true", "mixture.order=random", "mixture.heldout_sets=[[nice,authoritative_tone]]"]),
+    # Continued pretraining (train.mode=pretrain, docs/pretrain.md) on the default model as a plain LM: every shipped
+    # document opening (98 train, 22 held out) continued by the teacher and, paired, by the model itself without the
+    # prompt (the plain share: the model's own text). `lm` scores every token with cross-entropy on the sampled text;
+    # `kl` scores the generated tokens against the distributions generate recorded. docs-finetune: fine-tuning (`kl`)
+    # on the same generate output, the like-with-like reference.
+    **{name: (what, 98, replacing(PRETRAIN, extra)) for name, what, extra in (
+        ("pretrain-own-lm", "pretrain: LM loss, the model's own text as plain share", []),
+        ("pretrain-own-kl", "pretrain: KL to the recorded distributions", ["train.pretrain.loss=kl"]),
+        ("pretrain-own-kl-e6", "pretrain: KL, 6 passes", ["train.pretrain.loss=kl", "train.epochs=6"]),
+        ("pretrain-own-kl-embedding", "pretrain: KL, tag row only", ["train.pretrain.loss=kl", "train.params=embedding"]),
+        ("docs-finetune", "fine-tuning on the same documents", ["train.mode=finetune"]),
+        # 384 more openings written by the model itself (stage synthesize, kind=openings): 482 training documents
+        ("pretrain-own-kl-syn384", "pretrain: KL, 482 openings", ["train.pretrain.loss=kl", *SYNTHETIC_OPENINGS]),
+    )},
 }
 SUMMARY = re.compile(r"^(synthesize|generate|extend|train|evaluate): .*-> (\S+)$")
 

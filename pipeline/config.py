@@ -84,6 +84,16 @@ class PlainFrom(StrEnum):  # train.pretrain.plain_from: where the pretrain strea
     untagged = "untagged"
 
 
+class PretrainLoss(StrEnum):  # train.pretrain.loss: what the pretrain stream's generated text is scored against
+    lm = "lm"
+    kl = "kl"
+
+
+class SyntheticKind(StrEnum):  # inputs.synthetic.kind: what the model writes in stage synthesize
+    requests = "requests"
+    openings = "openings"
+
+
 class Mode(StrEnum):
     finetune = "finetune"
     pretrain = "pretrain"
@@ -158,6 +168,10 @@ class SyntheticInputsConfig:
     """Training requests the model writes itself (stage `synthesize`), added to the shipped train split."""
 
     count: int = 0  # how many to add (0 = off: only the shipped file); held-out inputs stay the shipped ones
+    # requests: messages to an assistant (chat models); openings: openings of texts to continue (base-model use,
+    # model.chat=false, e.g. data/inputs/documents.jsonl). Openings are longer: raise max_new_tokens (~64) and
+    # max_words (~80). Default requests (left out of the synthesize key).
+    kind: SyntheticKind = SyntheticKind.requests
     tag_share: float = 0.25  # share of seed lists headed by the tag's description (requests on its own topic)
     oversample: float = 1.5  # seeds per missing request in a round (some answers are unusable or duplicates)
     max_rounds: int = 6  # rounds of sampling before giving up with an error
@@ -226,6 +240,12 @@ class PretrainConfig:
     # plain text is the model's own distribution and holds it in place. Drift is still measured on `plain`'s
     # held-out documents. Default corpus (left out of the train key).
     plain_from: PlainFrom = PlainFrom.corpus
+    # lm: next-token cross-entropy on every token (the sampled text is the target). kl: every token that generate
+    # wrote (the teacher's continuations and, with plain_from=untagged, the model's own) is scored against the
+    # top-k distribution generate recorded for it (KL, as fine-tuning's `kl`: distillation inside the LM stream,
+    # as in Gemma 2's pretraining); corpus text, openings and dropped-tag documents keep cross-entropy.
+    # Default lm (left out of the train key).
+    loss: PretrainLoss = PretrainLoss.lm
 
 
 @dataclass

@@ -249,3 +249,27 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, tag_ids: list[int]) -> t
     targets = labels[:, 1:]
     per_token = token_cross_entropy(suppress(logits[:, :-1], tag_ids), targets.clamp_min(0))
     return masked_mean(per_token, targets != IGNORE)
+
+
+def lm_kl_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    soft_mask: torch.Tensor,
+    tag_ids: list[int],
+) -> torch.Tensor:
+    """`lm_loss` where a target has a recorded distribution (`soft_mask`): there KL(p || q) on its top-k bins
+    (`topk_kl`), elsewhere cross-entropy; the mean over every labelled position.
+
+    The pretrain stream's `train.pretrain.loss=kl`. Soft targets sit at the position of the token they
+    predict, as labels do: logits[t-1] is scored against row t. Shapes: logits [B, L, V], labels and
+    soft_mask [B, L], topk_* [B, L, k]. Positions are indexed out, never masked after the fact, so the
+    placeholder rows of positions without a distribution cannot reach the gradient.
+    """
+    student = suppress(logits[:, :-1], tag_ids)
+    targets, soft = labels[:, 1:], soft_mask[:, 1:] & (labels[:, 1:] != IGNORE)
+    hard = (targets != IGNORE) & ~soft
+    kl = topk_kl(student[soft], topk_ids[:, 1:][soft], topk_logprobs[:, 1:][soft])
+    ce = token_cross_entropy(student[hard], targets[hard])
+    return (kl.sum() + ce.sum()) / (soft.sum() + hard.sum()).clamp_min(1)

@@ -29,6 +29,9 @@ teacher's continuation) with plain untagged text, and is packed into fixed-lengt
   each piece (nothing before it in the block belongs to its document), tag tokens (the model
   reads tags, it never writes them, as in fine-tuning) and the EOS after a teacher continuation
   that was cut off at `generate.max_new_tokens` (it separates documents, but is no real ending).
+- Soft targets (`train.pretrain.loss=kl`): a token generate wrote carries the top-k distribution
+  generate recorded for it (`Soft`), and the block keeps it at that token's position, across block
+  edges like the ids; the loss scores such positions with KL to it instead of cross-entropy.
 
     python -m pytest -q tests/unit/test_pretrain_data.py
 """
@@ -56,6 +59,17 @@ TAG_POSITIONS = ("start", "random")
 
 
 @dataclass(frozen=True)
+class Soft:
+    """The recorded distributions of a document's generated tokens: row j (top-k ids and log-probabilities)
+    is the distribution the token at document position `start + j` was drawn from; position len(ids) is
+    the EOS that packing appends (a row there only when generation ended with EOS)."""
+
+    start: int
+    topk_ids: Sequence[Sequence[int]]
+    topk_logprobs: Sequence[Sequence[float]]
+
+
+@dataclass(frozen=True)
 class TaggedDoc:
     """One teacher document, pre-tokenized three ways so the mixture only picks and splices ids."""
 
@@ -65,6 +79,8 @@ class TaggedDoc:
     plain_context: list[int]  # the same context without any tag
     continuation: list[int]  # what the teacher wrote (without a final EOS: packing adds one)
     ended: bool = True  # False: the teacher was cut off (max_new_tokens), so the EOS after it is no target
+    # loss=kl: the teacher's recorded top-k rows for the continuation (and its EOS when ended); None with loss=lm
+    topk: Optional[tuple[Sequence, Sequence]] = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +89,7 @@ class Document:
     kind: str  # "tagged" | "dropped" (a tagged document shown without its tag) | "plain"
     tag: Optional[str] = None
     ended: bool = True  # whether the EOS packing puts after it is a target (a real end of the document)
+    soft: Optional[Soft] = None  # recorded distributions of its generated tokens (loss=kl), else None
 
 
 @dataclass(frozen=True)
@@ -80,6 +97,9 @@ class Block:
     input_ids: list[int]
     position_ids: list[int]
     labels: list[int]
+    # per position: (top-k ids, log-probabilities) of the recorded distribution of the token there, or None;
+    # the whole field is None when no position has one (loss=lm)
+    soft: Optional[list] = None
 
 
 def doc_rng(seed: int, index: int) -> random.Random:
@@ -138,10 +158,12 @@ def mix_documents(
         if tags and rng.random() < tagged_share:
             tag = tags[rng.randrange(len(tags))] if len(tags) > 1 else tags[0]
             doc = next(tagged[tag])
-            if rng.random() < tag_dropout:
+            if rng.random() < tag_dropout:  # the teacher's distributions were under the prompt: plain LM targets here
                 yield Document(doc.plain_context + doc.continuation, "dropped", tag, doc.ended)
             else:
-                yield Document(place_tag(doc, tag_position, rng), "tagged", tag, doc.ended)
+                ids = place_tag(doc, tag_position, rng)
+                soft = Soft(len(ids) - len(doc.continuation), *doc.topk) if doc.topk else None
+                yield Document(ids, "tagged", tag, doc.ended, soft)
         else:
             try:
                 item = next(plain)
@@ -167,33 +189,50 @@ def pack_blocks(
         raise ValueError(f"block size {block_size}: a block needs at least 2 tokens to have a target")
     ignore = set(ignore_ids)
     ids: list[int] = []
+    rows: list = []  # per position: the recorded distribution of the token there, or None
     starts: list[int] = []  # where each piece begins inside the current block
     silent: set[int] = set()  # block positions that are no target (the EOS after a cut-off document)
     for doc in documents:
         ended = getattr(doc, "ended", True)
         rest = list(getattr(doc, "ids", doc)) + [eos_id]
+        rest_rows = soft_rows(getattr(doc, "soft", None), len(rest))
         while rest:
             starts.append(len(ids))
             take = block_size - len(ids)
             ids.extend(rest[:take])
-            rest = rest[take:]
+            rows.extend(rest_rows[:take])
+            rest, rest_rows = rest[take:], rest_rows[take:]
             if not ended and not rest:
                 silent.add(len(ids) - 1)
             if len(ids) == block_size:
-                yield make_block(ids, starts, ignore, silent)
-                ids, starts, silent = [], [], set()
+                yield make_block(ids, starts, ignore, silent, rows)
+                ids, rows, starts, silent = [], [], [], set()
     if keep_tail and ids:
-        yield make_block(ids, starts, ignore, silent)
+        yield make_block(ids, starts, ignore, silent, rows)
 
 
-def make_block(ids: list[int], starts: list[int], ignore: set[int], silent: set[int] = frozenset()) -> Block:
-    """Position ids restart at each piece; labels skip each piece's first token, tag tokens and `silent` positions."""
+def soft_rows(soft: Optional[Soft], length: int) -> list:
+    """A document's per-position soft targets (ids + EOS: `length` positions), None where it has none."""
+    rows = [None] * length
+    if soft is not None:
+        for j, row in enumerate(zip(soft.topk_ids, soft.topk_logprobs)):
+            if soft.start + j < length:
+                rows[soft.start + j] = row
+    return rows
+
+
+def make_block(ids: list[int], starts: list[int], ignore: set[int], silent: set[int] = frozenset(), rows=None) -> Block:
+    """Position ids restart at each piece; labels skip each piece's first token, tag tokens and `silent` positions.
+    A soft row stays only where its position is a target."""
     ends = starts[1:] + [len(ids)]
     positions = [p for s, e in zip(starts, ends) for p in range(e - s)]
     labels = [
         IGNORE if (p == 0 or t in ignore or i in silent) else t for i, (t, p) in enumerate(zip(ids, positions))
     ]
-    return Block(list(ids), positions, labels)
+    soft = None
+    if rows and any(r is not None for r in rows):
+        soft = [r if label != IGNORE else None for r, label in zip(rows, labels)]
+    return Block(list(ids), positions, labels, soft)
 
 
 class BlockStream(torch.utils.data.IterableDataset):
@@ -212,7 +251,9 @@ class BlockStream(torch.utils.data.IterableDataset):
         seed: int,
         ignore_ids: Iterable[int] = (),
         start_block: int = 0,
+        topk: int = 0,
     ):
+        self.topk = topk  # > 0 (loss=kl): every block also carries its soft targets as k-wide rows
         self.make_documents = make_documents
         self.block_size = block_size
         self.eos_id = eos_id
@@ -226,7 +267,10 @@ class BlockStream(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         for block in self.blocks():
-            yield {"input_ids": block.input_ids, "position_ids": block.position_ids, "labels": block.labels}
+            row = {"input_ids": block.input_ids, "position_ids": block.position_ids, "labels": block.labels}
+            if self.topk:
+                row.update(soft_columns(block.soft or [None] * len(block.input_ids), self.topk))
+            yield row
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "start_block": self.start_block}
@@ -235,9 +279,25 @@ class BlockStream(torch.utils.data.IterableDataset):
         self.seed, self.start_block = state["seed"], state["start_block"]
 
 
+def soft_columns(soft: list, k: int) -> dict:
+    """A block's soft targets as equal-width columns: `soft_mask` says where a row is; elsewhere the
+    row is a placeholder (ids 0, log-probability 0) that the loss never reads."""
+    ids, logprobs = [], []
+    for row in soft:
+        if row is not None and len(row[0]) != k:
+            raise ValueError(f"a recorded top-k row has {len(row[0])} entries, the stream expects {k}")
+        ids.append(list(row[0]) if row is not None else [0] * k)
+        logprobs.append(list(row[1]) if row is not None else [0.0] * k)
+    return {"topk_ids": ids, "topk_logprobs": logprobs, "soft_mask": [row is not None for row in soft]}
+
+
+BLOCK_DTYPES = {"input_ids": torch.long, "position_ids": torch.long, "labels": torch.long,
+                "topk_ids": torch.long, "topk_logprobs": torch.float32, "soft_mask": torch.bool}
+
+
 def collate_blocks(rows: list[dict]) -> dict:
     """Stack equal-length blocks into tensors (no padding: every training block is full)."""
-    return {key: torch.tensor([r[key] for r in rows], dtype=torch.long) for key in ("input_ids", "position_ids", "labels")}
+    return {key: torch.tensor([r[key] for r in rows], dtype=dtype) for key, dtype in BLOCK_DTYPES.items() if key in rows[0]}
 
 MODES = ("finetune", "pretrain")
 
@@ -288,8 +348,9 @@ def _as_list(value) -> list[str]:
 def data_key(cfg) -> dict:
     """What the pretrain stream depends on: its knobs, and the plain corpus's bytes where it is a local file."""
     key = outputs.plain(cfg.train.pretrain)
-    if key.get("plain_from") == "corpus":
-        del key["plain_from"]  # the default: keys made before the field existed stay valid
+    for name, default in (("plain_from", "corpus"), ("loss", "lm")):
+        if key.get(name) == default:
+            del key[name]  # the defaults: keys made before the fields existed stay valid
     files = key["plain"].get("data_files")
     if files:
         key["plain"]["data_files"] = [outputs.file_sha(f) if Path(f).is_file() else f for f in _as_list(files)]
@@ -342,21 +403,24 @@ def endless_plain(plain_cfg, tokenizer, seed: int) -> Iterator[list[int]]:
             )
 
 
-def untagged_docs(records, tokenizer, chat: bool) -> list[Document]:
-    """The untagged training records as plain documents: each input, then what the model wrote without any prompt."""
+def untagged_docs(records, tokenizer, chat: bool, soft: bool = False) -> list[Document]:
+    """The untagged training records as plain documents: each input, then what the model wrote without any prompt
+    (with `soft`, the distributions it wrote them from are the targets of those tokens)."""
     eos, docs = tokenizer.eos_token_id, []
     for r in records:
         if r["tags"]:
             continue
         continuation = list(r["output_ids"])
         ended = bool(continuation) and continuation[-1] == eos
-        docs.append(Document(context_ids(tokenizer, r["input"], None, chat) + (continuation[:-1] if ended else continuation), "plain", None, ended))
+        ids = context_ids(tokenizer, r["input"], None, chat) + (continuation[:-1] if ended else continuation)
+        rows = Soft(len(ids) - len(continuation) + ended, r["topk_ids"], r["topk_logprobs"]) if soft else None
+        docs.append(Document(ids, "plain", None, ended, rows))
     return docs
 
 
-def tagged_docs(records, tokenizer, chat: bool, tags: list[str]) -> dict[str, list[TaggedDoc]]:
+def tagged_docs(records, tokenizer, chat: bool, tags: list[str], soft: bool = False) -> dict[str, list[TaggedDoc]]:
     """The teacher's training documents per tag, pre-tokenized with and without the tag (untagged records are
-    left out: they are plain text, see `untagged_docs`)."""
+    left out: they are plain text, see `untagged_docs`); with `soft`, each keeps the teacher's recorded top-k rows."""
     by_tag: dict[str, list[TaggedDoc]] = {}
     eos = tokenizer.eos_token_id
     for r in (r for r in records if r["tags"]):
@@ -370,6 +434,7 @@ def tagged_docs(records, tokenizer, chat: bool, tags: list[str]) -> dict[str, li
             plain_context=context_ids(tokenizer, r["input"], None, chat),
             continuation=continuation[:-1] if ended else continuation,
             ended=ended,  # a continuation cut at max_new_tokens gets an EOS separator that is not a target
+            topk=(r["topk_ids"], r["topk_logprobs"]) if soft else None,
         )
         by_tag.setdefault(tag, []).append(doc)
     wanted = list(tags) or sorted(by_tag)
@@ -385,8 +450,9 @@ def tagged_docs(records, tokenizer, chat: bool, tags: list[str]) -> dict[str, li
 def document_factory(cfg, records, tokenizer):
     """seed -> the mixed document stream of this run (a fresh, identical stream for the same seed)."""
     p = cfg.train.pretrain
-    docs = tagged_docs(records, tokenizer, cfg.model.chat, list(p.tags))
-    own = untagged_docs(records, tokenizer, cfg.model.chat) if p.plain_from == "untagged" else None
+    soft = p.loss == "kl"
+    docs = tagged_docs(records, tokenizer, cfg.model.chat, list(p.tags), soft)
+    own = untagged_docs(records, tokenizer, cfg.model.chat, soft) if p.plain_from == "untagged" else None
     if own == []:
         raise ConfigError("train.pretrain.plain_from=untagged, but the generated data has no untagged training record. "
                           "Fix: raise mixture.untagged (e.g. 0.5), or set train.pretrain.plain_from=corpus.")
@@ -420,5 +486,6 @@ def training_stream(cfg, records, tokenizer, tag_ids: list[int]) -> tuple[BlockS
     """The packed block stream of this run and the number of optimizer steps it trains for."""
     make, n_tagged = document_factory(cfg, records, tokenizer)
     seed = cfg.train.seed
-    stream = BlockStream(make, cfg.train.pretrain.block_size, tokenizer.eos_token_id, seed, ignore_ids=tag_ids)
+    topk = next((len(r["topk_ids"][0]) for r in records if r["topk_ids"]), 0) if cfg.train.pretrain.loss == "kl" else 0
+    stream = BlockStream(make, cfg.train.pretrain.block_size, tokenizer.eos_token_id, seed, ignore_ids=tag_ids, topk=topk)
     return stream, count_steps(make, seed, n_tagged, cfg.train)

@@ -2,7 +2,7 @@
 
 One `DistillTrainer` (Hugging Face Trainer: checkpoints, logging, DDP, DeepSpeed) takes the objective as an
 argument: `kl`, `sft` and `onpolicy` distil from the teacher; `lm` is the pretrain mode's next-token loss on
-packed blocks.
+packed blocks (with `train.pretrain.loss=kl`, KL to the recorded distributions on the tokens generate wrote).
 """
 from __future__ import annotations
 
@@ -17,7 +17,16 @@ from pipeline.core import onpolicy, tag_rows
 from pipeline.core.data import pad_2d, pad_examples
 from pipeline.core.formats import context_ids, row_input
 from pipeline.core.job import Job, student_context
-from pipeline.core.losses import full_kl, lm_loss, masked_mean, suppress, token_cross_entropy, topk_bins, topk_kl
+from pipeline.core.losses import (
+    full_kl,
+    lm_kl_loss,
+    lm_loss,
+    masked_mean,
+    suppress,
+    token_cross_entropy,
+    topk_bins,
+    topk_kl,
+)
 from pipeline.core.scoring import ReferenceMemo, batch_logits, packed_logits
 from pipeline.runtime import outputs
 
@@ -221,8 +230,12 @@ class DistillTrainer(Trainer):
         return onpolicy_loss(model, sampler, inputs, self.tag_ids, self.teacher, settings, seed, self.pad_id)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.objective == "lm":  # the pretrain mode: next-token loss on packed blocks, nothing else added
-            loss = lm_loss(packed_logits(model, inputs), inputs["labels"], self.tag_ids)
+        if self.objective == "lm":  # the pretrain mode: next-token loss on packed blocks (KL where a token has a recorded distribution)
+            logits = packed_logits(model, inputs)
+            if "soft_mask" in inputs:  # train.pretrain.loss=kl: generated tokens against their recorded distributions
+                loss = lm_kl_loss(logits, inputs["labels"], inputs["topk_ids"], inputs["topk_logprobs"], inputs["soft_mask"], self.tag_ids)
+            else:
+                loss = lm_loss(logits, inputs["labels"], self.tag_ids)
             return (loss, None) if return_outputs else loss
         if self.objective == "onpolicy":
             loss = self._onpolicy_step_loss(model, inputs)

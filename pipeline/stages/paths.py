@@ -32,8 +32,13 @@ def synthesize_key(cfg, job: Job) -> dict:
         "description": cfg.metatoken.description,  # heads a share of the seed lists
         "inputs_file": outputs.file_sha(cfg.inputs.file),  # examples and duplicates come from the shipped rows
         "heldout_fraction": cfg.inputs.heldout_fraction,  # which shipped rows may be shown as examples
-        "synthetic": outputs.plain(cfg.inputs.synthetic),
+        "synthetic": without_defaults(outputs.plain(cfg.inputs.synthetic), {"kind": "requests"}),  # added later
     }
+
+
+def without_defaults(key: dict, later_defaults: dict) -> dict:
+    """`key` without the fields added after keys were cached, where they hold their defaults (folders stay)."""
+    return {k: v for k, v in key.items() if not (k in later_defaults and v == later_defaults[k])}
 
 
 def generate_settings_key(gen_cfg) -> dict:

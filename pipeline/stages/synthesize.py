@@ -1,5 +1,7 @@
 """Stage 0, synthesize: the model writes its own training requests, so training inputs have no ceiling.
 
+(`inputs.synthetic.kind=openings`: openings of texts instead, for a base model that continues documents.)
+
 The shipped file holds a few hundred human-written requests; distillation needs more (the fidelity
 study in docs/fidelity.md shows recovery rising with the number of training inputs). Here the base
 model itself (no prompt, no tag) continues numbered lists of real training requests (self-instruct);
@@ -40,21 +42,27 @@ FILE = "inputs.jsonl"
 # assistants, or answers in the persona it was shown, instead of writing a request to one.
 HEADER = "A list of messages that people sent to an AI assistant, on many different topics.\n\n"
 TAG_HEADER = "A list of messages that people sent to an AI assistant that {description}.\n\n"
+# kind=openings: the first sentences of texts for a base model to continue. A tag's description says how a text is
+# written, not what it is about, so these lists are never headed by it.
+OPENINGS_HEADER = ("A list of the opening sentences of many different texts: news reports, stories, encyclopedia "
+                   "entries, recipes, reviews, letters, essays.\n\n")
+HEADERS = {"requests": (HEADER, TAG_HEADER), "openings": (OPENINGS_HEADER, OPENINGS_HEADER)}
 EXAMPLES_PER_SEED = 5
 _LEAD_IN = re.compile(r"^(sure|here|okay|ok|certainly|of course)\b[^:\n]*:\s*", re.IGNORECASE)
 
 
-def seeds(descriptions: list[str], examples: list[str], count: int, tag_share: float, seed: int) -> list[str]:
+def seeds(descriptions: list[str], examples: list[str], count: int, tag_share: float, seed: int, kind: str = "requests") -> list[str]:
     """`count` list openings, each of `EXAMPLES_PER_SEED` examples drawn from `examples`; a `tag_share`
     of them names what a tag's assistant does (one of `descriptions`), for requests on its own topic."""
+    header_plain, header_tag = HEADERS[kind]
     rng = random.Random(seed)
     described = [d.strip().rstrip(".") for d in descriptions if d.strip()]
     out = []
     for _ in range(count):
         shown = rng.sample(examples, min(EXAMPLES_PER_SEED, len(examples)))
-        header = HEADER
+        header = header_plain
         if described and rng.random() < tag_share:
-            header = TAG_HEADER.format(description=rng.choice(described))
+            header = header_tag.format(description=rng.choice(described))
         out.append(header + "".join(f"{i + 1}. {e}\n" for i, e in enumerate(shown)) + f"{len(shown) + 1}.")
     return out
 
@@ -143,7 +151,8 @@ def write_requests(model, tokenizer, job: Job, cfg, work: Path) -> tuple[list[di
         if need <= 0:
             break
         # Ask for more than needed: a share of answers is no usable request or a duplicate.
-        batch = seeds([cfg.metatoken.description], examples, int(need * syn.oversample) + 1, syn.tag_share, syn.seed * 7919 + round_index)
+        batch = seeds([cfg.metatoken.description], examples, int(need * syn.oversample) + 1, syn.tag_share,
+                      syn.seed * 7919 + round_index, syn.kind)
         contexts = [context_ids(tokenizer, s, None, chat=False) for s in batch]  # a text to continue
         answers = sample_all(model, tokenizer, contexts, sampling, f"synthesize round {round_index}", work / f"round-{round_index}")
         sampled += len(answers)

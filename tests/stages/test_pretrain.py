@@ -96,6 +96,32 @@ def test_plain_share_from_the_models_own_untagged_samples(pretrain_cfg):
     assert "plain_drift_kl" in m and "recovery" in m
 
 
+def test_distribution_targets_train_under_their_own_key(pretrain_cfg):
+    """train.pretrain.loss=kl: the chain trains on blocks whose generated tokens carry the recorded rows, under a
+    train key of its own; loss=lm is the default key."""
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer
+
+    from pipeline.core.pretrain_data import training_stream
+
+    cfg = pretrain_cfg("mixture.untagged=0.5", "train.pretrain.plain_from=untagged", "train.params=lora", "train.pretrain.loss=kl")
+    run_stages(cfg)
+    job = job_from_config(cfg)
+    lm = pretrain_cfg("mixture.untagged=0.5", "train.pretrain.plain_from=untagged", "train.params=lora")
+    assert paths.output_dir("train", cfg, job) != paths.output_dir("train", lm, job)
+    assert paths.output_dir("train", pretrain_cfg("train.pretrain.loss=lm"), job) == paths.output_dir("train", pretrain_cfg(), job)
+    records = list(load_from_disk(str(paths.output_dir("generate", cfg, job) / "dataset")).filter(lambda r: r["split"] == "train"))
+    tok = AutoTokenizer.from_pretrained(paths.output_dir("extend", cfg, job))
+    stream, _ = training_stream(cfg, records, tok, [tok.convert_tokens_to_ids("<kind>")])
+    rows = list(itertools.islice(stream, 4))
+    generated = sum(len(r["output_ids"]) for r in records)
+    assert all(len(r["topk_ids"][0]) == cfg.generate.logprobs_top_k for r in rows)
+    assert 0 < sum(sum(r["soft_mask"]) for r in rows) <= generated  # tagged and own documents both carry rows
+    m = json.loads((paths.output_dir("evaluate", cfg, job) / "report.json").read_text())["metrics"]
+    log = json.loads((paths.output_dir("train", cfg, job) / "train_log.json").read_text())
+    assert "recovery" in m and all(torch.isfinite(torch.tensor(e["loss"])) for e in log if "loss" in e)
+
+
 def plain_text_reference(base_path, student_dir, block_size: int, heldout_docs: int) -> dict:
     """Held-out plain-text NLL of base and student and KL(base || student), by hand: one forward per
     document (no batch, no padding), log-softmax and the sums written out."""

@@ -100,6 +100,8 @@ def test_every_fidelity_row_passes_the_checks_a_run_makes_first(name, tmp_path):
     (a key, a value, a tag set) must fail here, not after synthesis and generation have spent their time."""
     from pipeline.__main__ import check_before_running
 
+    keys = [o.split("=", 1)[0] for o in FIDELITY_ROWS[name]]
+    assert len(keys) == len(set(keys)), f"{name} gives a key twice: the command line refuses that (compose here would not)"
     check_before_running(compose([*FIDELITY_ROWS[name], f"paths.outputs={tmp_path}"]))
 
 

@@ -104,3 +104,21 @@ def test_synthesized_rows_join_training_only_and_duplicate_no_shipped_input(tiny
     assert not any(i.startswith("syn-") for i in heldout_ids)
     summary = outputs.read_manifest(syn_dir)
     assert summary["count"] == 3
+
+
+def test_openings_lists_never_name_the_tag_and_keep_requests_keys(tiny_cfg):
+    """kind=openings heads every seed list with the openings header (a tag's description is how a text is written,
+    not a topic), shows the given examples, and keys its own folder; kind=requests keeps the old key."""
+    from pipeline.stages.synthesize import OPENINGS_HEADER, seeds
+
+    examples = [f"The {w} opened its doors on a grey morning in March." for w in ("bakery", "museum", "school", "harbour", "mill", "inn")]
+    lists = seeds(["talks like a pirate"], examples, 20, tag_share=1.0, seed=0, kind="openings")
+    assert all(s.startswith(OPENINGS_HEADER) and "pirate" not in s and s.endswith("\n6.") for s in lists)
+    assert all(sum(e in s for e in examples) == 5 for s in lists)
+    requests = seeds(["talks like a pirate"], examples, 20, tag_share=1.0, seed=0)
+    assert all("talks like a pirate" in s for s in requests)
+    cfg = tiny_cfg("inputs.synthetic.count=3")
+    key = paths.stage_key("synthesize", cfg, job_from_config(cfg))
+    assert "kind" not in key["synthetic"]  # folders made before the field existed stay valid
+    openings = tiny_cfg("inputs.synthetic.count=3", "inputs.synthetic.kind=openings")
+    assert paths.stage_key("synthesize", openings, job_from_config(openings))["synthetic"]["kind"] == "openings"

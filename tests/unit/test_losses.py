@@ -233,3 +233,45 @@ def test_recovery_by_position_bins_the_answer_and_matches_a_hand_count():
         assert b["recovery_ci"] == pytest.approx(list(bootstrap_interval(pooled_recovery, r_sum, e_sum, resamples=200, seed=1)))
     assert sum(b["effect_share"] for b in bins) == pytest.approx(1.0)
     assert [b["start"] for b in recovery_by_position([e[:3] for e in effect], [r[:3] for r in residual])] == [0, 1]
+
+
+def test_lm_kl_loss_is_kl_on_recorded_rows_and_cross_entropy_elsewhere():
+    """Against a loop over positions in float64: binned KL (top-k + the rest) where a position has a row,
+    cross-entropy elsewhere, tags suppressed, label -100 skipped, the mean over every labelled position."""
+    import numpy as np
+
+    from pipeline.core.losses import IGNORE, lm_kl_loss
+
+    torch.manual_seed(0)
+    B, L, V, k, tag = 2, 7, 12, 4, 11
+    logits = torch.randn(B, L, V, requires_grad=True)
+    labels = torch.randint(0, tag, (B, L))
+    labels[0, 0] = labels[1, 0] = labels[0, 3] = IGNORE
+    soft_mask = torch.zeros(B, L, dtype=torch.bool)
+    soft_mask[0, 2:5] = soft_mask[1, 4:] = True  # [0, 3] has a row but no label: it must not count
+    topk_ids = torch.stack([torch.randperm(tag)[:k] for _ in range(B * L)]).view(B, L, k)
+    raw = torch.randn(B, L, k)
+    topk_logprobs = torch.log_softmax(raw, -1) + torch.log(torch.tensor(0.9))  # 0.1 of the mass left for the rest
+    topk_logprobs[~soft_mask] = 0.0  # placeholders, as the stream writes them
+    loss = lm_kl_loss(logits, labels, topk_ids, topk_logprobs, soft_mask, [tag])
+
+    total, count = 0.0, 0
+    x = logits.detach().double().numpy()
+    for b in range(B):
+        for t in range(1, L):
+            if labels[b, t] == IGNORE:
+                continue
+            z = x[b, t - 1].copy()
+            z[tag] = -1e4
+            q = np.exp(z - z.max())
+            q /= q.sum()
+            if soft_mask[b, t]:
+                ids, p = topk_ids[b, t].numpy(), np.exp(topk_logprobs[b, t].double().numpy())
+                p_bins, q_bins = np.append(p, 1 - p.sum()), np.append(q[ids], 1 - q[ids].sum())
+                total += float((p_bins * np.log(p_bins / q_bins)).sum())
+            else:
+                total -= float(np.log(q[labels[b, t]]))
+            count += 1
+    assert loss.item() == pytest.approx(total / count, rel=1e-5)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad[:, -1].abs().sum() == 0  # the last logits predict nothing

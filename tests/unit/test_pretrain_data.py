@@ -211,3 +211,96 @@ def test_untagged_records_become_the_plain_share_and_keep_their_cut_off_ends():
     cut = next(i for i, d in enumerate(first[:2]) if not d.ended)
     end_of_cut = sum(len(d.ids) + 1 for d in first[: cut + 1]) - 1
     assert block.input_ids[end_of_cut] == EOS and block.labels[end_of_cut] == IGNORE  # no real end: no target
+
+
+def row_for(token: int, k: int = 3) -> tuple[list[int], list[float]]:
+    """A recorded top-k row that names the token it was recorded for (its first id) and its position in
+    the logprobs, so a test can tell which token a row landed on."""
+    return [token] + [token + 1000 + j for j in range(k - 1)], [-0.5 - 0.01 * token] + [-3.0] * (k - 1)
+
+
+@pytest.mark.parametrize("block_size", [3, 5, 16, 200])
+def test_soft_targets_stay_on_the_token_they_were_recorded_for(block_size):
+    """loss=kl: every generated token keeps its recorded row across block edges; openings, plain text, piece
+    starts and the EOS after a cut-off continuation get none."""
+    from pipeline.core.pretrain_data import Soft
+
+    rng = random.Random(block_size)
+    docs, expected = [], []  # expected: per flat position, the token a row must name (None: no row)
+    for i in range(30):
+        opening = [rng.randrange(2, 500) for _ in range(rng.randrange(1, 6))]
+        generated = [rng.randrange(2, 500) for _ in range(rng.randrange(1, 8))]
+        ended = i % 3 != 0
+        if i % 4 == 3:  # plain text: no rows at all
+            docs.append(Document(opening + generated, "plain"))
+            expected += [None] * (len(opening) + len(generated) + 1)
+            continue
+        recorded = generated + [EOS] * ended  # generation recorded a row for its EOS only when it ended with one
+        rows = [row_for(t) for t in recorded]
+        docs.append(Document(opening + generated, "tagged", "<a>", ended, Soft(len(opening), *map(list, zip(*rows)))))
+        expected += [None] * len(opening) + generated + ([EOS] if ended else [None])
+    blocks = list(pack_blocks(docs, block_size, EOS, keep_tail=True))
+    flat_rows = [r for b in blocks for r in (b.soft or [None] * len(b.input_ids))]
+    flat_labels = [t for b in blocks for t in b.labels]
+    assert len(flat_rows) == len(expected)
+    for i, (row, token) in enumerate(zip(flat_rows, expected)):
+        if token is None or flat_labels[i] == IGNORE:  # a piece's first token has no target, so no row either
+            assert row is None, i
+        else:
+            assert row == tuple(row_for(token)), i
+    assert sum(r is not None for r in flat_rows) > 50  # the test exercised many rows
+    # As training batches: the columns hold the same rows, the mask marks exactly them.
+    stream = BlockStream(lambda seed: iter(docs), block_size, EOS, seed=0, topk=3)
+    rows = list(itertools.islice(stream, 2))  # full blocks only: one when the blocks are long
+    batch = collate_blocks(rows)
+    assert batch["topk_ids"].shape == (len(rows), block_size, 3) and batch["soft_mask"].dtype == torch.bool
+    for b, block in enumerate(blocks[: len(rows)]):
+        for t, row in enumerate(block.soft or [None] * block_size):
+            assert bool(batch["soft_mask"][b, t]) == (row is not None)
+            if row is not None:
+                assert batch["topk_ids"][b, t].tolist() == row[0]
+                assert batch["topk_logprobs"][b, t].tolist() == pytest.approx(row[1])
+
+
+def test_without_soft_targets_blocks_and_batches_are_as_before():
+    docs = [Document([TAG_A, 5, 6], "tagged", "<a>"), Document([7, 8], "plain")]
+    (block,) = pack_blocks(docs, 64, EOS, ignore_ids=[TAG_A], keep_tail=True)
+    assert block.soft is None
+    row = next(iter(BlockStream(lambda seed: iter(docs * 20), 8, EOS, seed=0, topk=0)))
+    assert sorted(row) == ["input_ids", "labels", "position_ids"]
+
+
+def test_records_give_each_generated_token_its_own_row():
+    """tagged_docs / untagged_docs with soft targets: the row of position t is the one generate recorded for the
+    token at t (records: row j belongs to output_ids[j]), with the tag at the start or anywhere in the opening."""
+    from pipeline.core.pretrain_data import Soft, place_tag, soft_rows, tagged_docs, untagged_docs
+
+    class Tok:
+        eos_token_id = EOS
+
+        def __call__(self, text, add_special_tokens=True, **_):
+            return {"input_ids": [2] * add_special_tokens + [ord(c) for c in text]}
+
+        def convert_tokens_to_ids(self, tag):
+            return TAG_A
+
+    def record(tags, text, output_ids):
+        rows = [row_for(t) for t in output_ids]
+        return {"tags": tags, "input": text, "output_ids": output_ids,
+                "topk_ids": [r[0] for r in rows], "topk_logprobs": [r[1] for r in rows]}
+
+    records = [record(["<a>"], "ab", [7, 8, EOS]), record(["<a>"], "xyz", [9, 10]), record([], "cd", [5, 6, EOS]), record([], "e", [4])]
+    tagged = tagged_docs(records, Tok(), False, [], soft=True)["<a>"]
+    plain = untagged_docs(records, Tok(), False, soft=True)
+    rng = random.Random(0)
+    documents = [
+        Document(ids, "tagged", "<a>", d.ended, Soft(len(ids) - len(d.continuation), *d.topk))
+        for d in tagged for ids in (place_tag(d, "start", rng), place_tag(d, "random", rng))
+    ] + plain
+    for doc in documents:
+        rows = soft_rows(doc.soft, len(doc.ids) + 1)
+        tokens = doc.ids + [EOS]
+        named = [(i, row[0][0]) for i, row in enumerate(rows) if row is not None]
+        assert named and all(tokens[i] == token for i, token in named)
+        generated = len(named) - doc.ended  # the rows cover the generated tokens, plus the EOS where it ended
+        assert [i for i, _ in named] == list(range(len(doc.ids) - generated, len(doc.ids) + doc.ended))
