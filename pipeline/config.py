@@ -84,6 +84,11 @@ class PlainFrom(StrEnum):  # train.pretrain.plain_from: where the pretrain strea
     untagged = "untagged"
 
 
+class PretrainTargets(StrEnum):  # train.pretrain.targets: which tokens of the pretrain stream are trained on
+    all = "all"
+    generated = "generated"
+
+
 class PretrainLoss(StrEnum):  # train.pretrain.loss: what the pretrain stream's generated text is scored against
     lm = "lm"
     kl = "kl"
@@ -246,6 +251,11 @@ class PretrainConfig:
     # as in Gemma 2's pretraining); corpus text, openings and dropped-tag documents keep cross-entropy.
     # Default lm (left out of the train key).
     loss: PretrainLoss = PretrainLoss.lm
+    # all: every token is a target (language modelling). generated: only the tokens generate wrote (the teacher's
+    # continuations and, with plain_from=untagged, the model's own) are targets; human text (document openings,
+    # corpus text) is read as context but not learned, so a small corpus cannot pull the model towards its style.
+    # Needs loss=kl (the generated tokens are the ones with recorded distributions). Default all (left out of the key).
+    targets: PretrainTargets = PretrainTargets.all
 
 
 @dataclass

@@ -235,6 +235,15 @@ def make_block(ids: list[int], starts: list[int], ignore: set[int], silent: set[
     return Block(list(ids), positions, labels, soft)
 
 
+def generated_targets(block: Block) -> Block:
+    """The block with only its generated tokens as targets (`train.pretrain.targets=generated`): a position
+    without a recorded distribution (an opening, corpus text, a dropped-tag document) keeps its token as
+    context but is no longer a label, so human text in the stream is read, never learned."""
+    rows = block.soft or [None] * len(block.labels)
+    labels = [label if row is not None else IGNORE for label, row in zip(block.labels, rows)]
+    return Block(block.input_ids, block.position_ids, labels, block.soft)
+
+
 class BlockStream(torch.utils.data.IterableDataset):
     """Packed blocks from a document factory, starting at block `start_block`.
 
@@ -252,8 +261,10 @@ class BlockStream(torch.utils.data.IterableDataset):
         ignore_ids: Iterable[int] = (),
         start_block: int = 0,
         topk: int = 0,
+        generated_only: bool = False,
     ):
         self.topk = topk  # > 0 (loss=kl): every block also carries its soft targets as k-wide rows
+        self.generated_only = generated_only  # targets=generated: only positions with a soft row are targets
         self.make_documents = make_documents
         self.block_size = block_size
         self.eos_id = eos_id
@@ -263,6 +274,8 @@ class BlockStream(torch.utils.data.IterableDataset):
 
     def blocks(self) -> Iterator[Block]:
         packed = pack_blocks(self.make_documents(self.seed), self.block_size, self.eos_id, self.ignore_ids)
+        if self.generated_only:
+            packed = map(generated_targets, packed)
         return itertools.islice(packed, self.start_block, None)
 
     def __iter__(self) -> Iterator[dict]:
@@ -331,6 +344,13 @@ def check_config(cfg) -> None:
             f"train.pretrain.plain_from=untagged reads the run's untagged training records, but mixture.untagged is "
             f"{cfg.mixture.untagged}. Fix: set mixture.untagged (e.g. 0.5: half the inputs continued without a prompt)."
         )
+    if p.targets == "generated" and (p.loss != "kl" or p.plain_from != "untagged"):
+        raise ConfigError(
+            f"train.pretrain.targets=generated trains only the tokens generate wrote, scored against their recorded "
+            f"distributions, but train.pretrain.loss is {p.loss} and train.pretrain.plain_from is {p.plain_from}. "
+            "Fix: add train.pretrain.loss=kl train.pretrain.plain_from=untagged (the plain share must be generated "
+            "too), or set train.pretrain.targets=all."
+        )
     if p.plain.path in LOCAL_BUILDERS:  # evaluation reads its held-out documents whatever the plain share is
         files = p.plain.data_files
         if not files or not any(glob.glob(f) for f in _as_list(files)):
@@ -348,7 +368,7 @@ def _as_list(value) -> list[str]:
 def data_key(cfg) -> dict:
     """What the pretrain stream depends on: its knobs, and the plain corpus's bytes where it is a local file."""
     key = outputs.plain(cfg.train.pretrain)
-    for name, default in (("plain_from", "corpus"), ("loss", "lm")):
+    for name, default in (("plain_from", "corpus"), ("loss", "lm"), ("targets", "all")):
         if key.get(name) == default:
             del key[name]  # the defaults: keys made before the fields existed stay valid
     files = key["plain"].get("data_files")
@@ -487,5 +507,6 @@ def training_stream(cfg, records, tokenizer, tag_ids: list[int]) -> tuple[BlockS
     make, n_tagged = document_factory(cfg, records, tokenizer)
     seed = cfg.train.seed
     topk = next((len(r["topk_ids"][0]) for r in records if r["topk_ids"]), 0) if cfg.train.pretrain.loss == "kl" else 0
-    stream = BlockStream(make, cfg.train.pretrain.block_size, tokenizer.eos_token_id, seed, ignore_ids=tag_ids, topk=topk)
+    stream = BlockStream(make, cfg.train.pretrain.block_size, tokenizer.eos_token_id, seed, ignore_ids=tag_ids, topk=topk,
+                         generated_only=cfg.train.pretrain.targets == "generated")
     return stream, count_steps(make, seed, n_tagged, cfg.train)

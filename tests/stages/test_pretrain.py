@@ -110,6 +110,10 @@ def test_distribution_targets_train_under_their_own_key(pretrain_cfg):
     lm = pretrain_cfg("mixture.untagged=0.5", "train.pretrain.plain_from=untagged", "train.params=lora")
     assert paths.output_dir("train", cfg, job) != paths.output_dir("train", lm, job)
     assert paths.output_dir("train", pretrain_cfg("train.pretrain.loss=lm"), job) == paths.output_dir("train", pretrain_cfg(), job)
+    assert paths.output_dir("train", pretrain_cfg("train.pretrain.targets=all"), job) == paths.output_dir("train", pretrain_cfg(), job)
+    generated_only = pretrain_cfg("mixture.untagged=0.5", "train.pretrain.plain_from=untagged", "train.params=lora",
+                                  "train.pretrain.loss=kl", "train.pretrain.targets=generated")
+    assert paths.output_dir("train", generated_only, job) != paths.output_dir("train", cfg, job)
     records = list(load_from_disk(str(paths.output_dir("generate", cfg, job) / "dataset")).filter(lambda r: r["split"] == "train"))
     tok = AutoTokenizer.from_pretrained(paths.output_dir("extend", cfg, job))
     stream, _ = training_stream(cfg, records, tok, [tok.convert_tokens_to_ids("<kind>")])
@@ -167,6 +171,10 @@ def test_interrupted_pretraining_resumes_to_the_same_weights(pretrain_cfg, monke
         (["train.pretrain.plain.data_files=/nowhere/corpus.jsonl"], "no such file exists"),
         (["train.pretrain.tagged_share=1.5"], "train.pretrain.tagged_share is 1.5"),
         (["train.pretrain.plain_from=untagged"], r"plain_from=untagged reads the run's untagged .* mixture.untagged is 0.0"),
+        (["mixture.untagged=0.5", "train.pretrain.plain_from=untagged", "train.pretrain.targets=generated"],
+         r"targets=generated .* train.pretrain.loss is lm .* Fix: add train.pretrain.loss=kl"),
+        (["mixture.untagged=0.5", "train.pretrain.loss=kl", "train.pretrain.targets=generated"],
+         r"targets=generated .*plain_from is corpus"),
     ],
 )
 def test_bad_pretrain_settings_fail_before_any_model_loads(no_weights, pretrain_cfg, monkeypatch, overrides, message):

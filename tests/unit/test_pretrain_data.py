@@ -304,3 +304,35 @@ def test_records_give_each_generated_token_its_own_row():
         assert named and all(tokens[i] == token for i, token in named)
         generated = len(named) - doc.ended  # the rows cover the generated tokens, plus the EOS where it ended
         assert [i for i, _ in named] == list(range(len(doc.ids) - generated, len(doc.ids) + doc.ended))
+
+
+def test_generated_targets_keep_only_the_tokens_generate_wrote():
+    """targets=generated: every opening and plain token stays in the block as context but is no label; each generated
+    token (and the EOS of a continuation that ended) keeps its label and its recorded row, as with targets=all."""
+    from pipeline.core.pretrain_data import Soft
+
+    rng = random.Random(7)
+    docs, written = [], []  # written: per flat stream position, whether generate wrote the token there
+    for i in range(40):
+        opening = [rng.randrange(2, 500) for _ in range(rng.randrange(1, 6))]
+        generated = [rng.randrange(2, 500) for _ in range(rng.randrange(1, 8))]
+        if i % 3 == 2:  # plain text: nothing of it is generated
+            docs.append(Document(opening + generated, "plain"))
+            written += [False] * (len(opening) + len(generated) + 1)
+            continue
+        rows = [row_for(t) for t in generated + [EOS]]
+        docs.append(Document(opening + generated, "tagged", "<a>", True, Soft(len(opening), *map(list, zip(*rows)))))
+        written += [False] * len(opening) + [True] * (len(generated) + 1)
+    size = 16
+    every = list(BlockStream(lambda seed: iter(docs), size, EOS, seed=0, topk=3))
+    only = list(BlockStream(lambda seed: iter(docs), size, EOS, seed=0, topk=3, generated_only=True))
+    assert len(every) == len(only) and len(only) > 10
+    kept = dropped = 0
+    for k, (a, b) in enumerate(zip(every, only)):
+        assert a["input_ids"] == b["input_ids"] and a["position_ids"] == b["position_ids"]
+        assert a["soft_mask"] == b["soft_mask"] and a["topk_ids"] == b["topk_ids"]
+        for t, (label_all, label) in enumerate(zip(a["labels"], b["labels"])):
+            assert label == (label_all if written[k * size + t] else IGNORE), (k, t)
+            kept += label != IGNORE
+            dropped += label_all != IGNORE and label == IGNORE
+    assert kept > 50 and dropped > 50  # both kinds of position were exercised
