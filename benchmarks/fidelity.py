@@ -130,6 +130,8 @@ RUNS: dict[str, tuple[str, float, list[str]]] = {
         ("pretrain-own-kl", "pretrain: KL to the recorded distributions", ["train.pretrain.loss=kl"]),
         # only the generated tokens are targets: the openings (human text, CE under targets=all) are read, not learned
         ("pretrain-own-kl-generated", "pretrain: KL, generated tokens only", ["train.pretrain.loss=kl", "train.pretrain.targets=generated"]),
+        ("pretrain-own-kl-generated-e6", "pretrain: KL, generated tokens only, 6 passes",
+         ["train.pretrain.loss=kl", "train.pretrain.targets=generated", "train.epochs=6"]),
         ("pretrain-own-kl-e6", "pretrain: KL, 6 passes", ["train.pretrain.loss=kl", "train.epochs=6"]),
         ("pretrain-own-kl-embedding", "pretrain: KL, tag row only", ["train.pretrain.loss=kl", "train.params=embedding"]),
         ("docs-finetune", "fine-tuning on the same documents", ["train.mode=finetune"]),
