@@ -136,7 +136,8 @@ RUNS: dict[str, tuple[str, float, list[str]]] = {
         ("pretrain-own-kl-embedding", "pretrain: KL, tag row only", ["train.pretrain.loss=kl", "train.params=embedding"]),
         ("docs-finetune", "fine-tuning on the same documents", ["train.mode=finetune"]),
         # 384 more openings written by the model itself (stage synthesize, kind=openings): 482 training documents
-        ("pretrain-own-kl-syn384", "pretrain: KL, 482 openings", ["train.pretrain.loss=kl", *SYNTHETIC_OPENINGS]),
+        ("pretrain-own-kl-generated-syn384", "pretrain: KL, generated tokens only, 482 openings",
+         ["train.pretrain.loss=kl", "train.pretrain.targets=generated", *SYNTHETIC_OPENINGS]),
     )},
 }
 SUMMARY = re.compile(r"^(synthesize|generate|extend|train|evaluate): .*-> (\S+)$")
