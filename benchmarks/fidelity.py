@@ -40,8 +40,10 @@ def demo_then(*overrides: str) -> list[str]:
     """The demo of before 3 December 2026 with `overrides` (each key once: an override replaces DEMO_80's)."""
     return replacing(DEMO_80, overrides)
 
+# Spelled out in full (experiment=pretrain_demo now is row pretrain-own-kl-generated): each row names its loss and targets.
 PRETRAIN = ["experiment=pretrain_demo", "train.params=lora", "inputs.max_train=null", "inputs.max_heldout=null",
-            "mixture.paired=true", "mixture.untagged=0.99", "train.pretrain.plain_from=untagged"]
+            "mixture.paired=true", "mixture.untagged=0.99", "train.pretrain.plain_from=untagged",
+            "train.pretrain.loss=lm", "train.pretrain.targets=all"]
 
 SYNTHETIC_OPENINGS = ["inputs.synthetic.count=384", "inputs.synthetic.kind=openings", "inputs.synthetic.max_new_tokens=64",
                       "inputs.synthetic.max_words=80"]

@@ -34,7 +34,8 @@ KNOWN_TRAIN_FOLDERS = {
     (): "nice-ea24db4e91",
     ("experiment=remix",): "nice+authoritative_tone+pirate-fd2e31693f",
     ("experiment=nested",): "kind_expert-b8caed8cda",
-    ("experiment=pretrain_demo",): "pirate-f03be07d6e",
+    ("experiment=pretrain_demo", "train.params=embedding", "inputs.max_train=64", "inputs.max_heldout=16", "mixture.paired=false",
+     "mixture.untagged=0", "train.pretrain.plain_from=corpus", "train.pretrain.loss=lm", "train.pretrain.targets=all"): "pirate-f03be07d6e",  # the pretrain demo before 7 December
     (*DEMO, "train.teacher=online"): "pirate-5f1bb57e88",
     (*DEMO, "train.objective=sft", "train.params=embedding"): "pirate-63a1b6b093",
 }

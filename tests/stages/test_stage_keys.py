@@ -18,6 +18,9 @@ def _pinned(pinned_model_content):
 
 BOOTSTRAP = ["experiment=nested", "generate.teacher_mode=bootstrap",
              "generate.bootstrap_model=outputs/train/nice+authoritative_tone+pirate-7abbedc502"]
+PRETRAIN_DEMO_BEFORE = ["experiment=pretrain_demo", "train.params=embedding", "inputs.max_train=64", "inputs.max_heldout=16",
+                        "mixture.paired=false", "mixture.untagged=0", "train.pretrain.plain_from=corpus",
+                        "train.pretrain.loss=lm", "train.pretrain.targets=all"]
 CASES = {
     "default": ([], {"generate": "4afa5c1d43", "extend": "c8517c2421", "train": "ea24db4e91", "evaluate": "a59e4b0496"}),
     # the demo before it trained in bf16 on 160 inputs (3 December 2026)
@@ -26,7 +29,10 @@ CASES = {
     "demo": (["experiment=demo"], {"generate": "92b5dfd817", "extend": "42afc11faf", "train": "97590a3b20", "evaluate": "2716bd8fbd"}),
     "remix": (["experiment=remix"], {"generate": "0dd73205d7", "extend": "3b41cc2b6f", "train": "fd2e31693f", "evaluate": "cf3e8f6b42"}),
     "nested": (["experiment=nested"], {"generate": "45c5186845", "extend": "a168ce45eb", "train": "b8caed8cda", "evaluate": "a9f35d2649"}),
-    "pretrain_demo": (["experiment=pretrain_demo"], {"generate": "23a7f62a0d", "extend": "d18a0f76e4", "train": "f03be07d6e", "evaluate": "99226c1423"}),
+    # the pretrain demo before it trained LoRA on the generated tokens only (7 December 2026)
+    "pretrain_demo_embedding": (PRETRAIN_DEMO_BEFORE,
+                                {"generate": "23a7f62a0d", "extend": "d18a0f76e4", "train": "f03be07d6e", "evaluate": "99226c1423"}),
+    "pretrain_demo": (["experiment=pretrain_demo"], {"generate": "3efb2bfa3c", "extend": "d18a0f76e4", "train": "803324155f", "evaluate": "4452dadc22"}),
     "concise": (["metatoken=concise"], {"generate": "9794497fa1", "extend": "33bedc3d0c", "train": "ecbf361264", "evaluate": "7b3319e342"}),
     "sft_full": (
         ["train.objective=sft", "train.params=full", "extend.init=random", "mixture.order=sorted"],
@@ -77,6 +83,10 @@ def test_the_quality_preset_is_the_fidelity_row_it_reports():
     assert preset == row
     assert preset != stage_hashes(["stage=all", "metatoken=pirate", "inputs.synthetic.count=512"])  # bf16 is in the key
 
+def test_the_pretrain_demo_is_the_fidelity_row_it_reports():
+    """conf/experiment/pretrain_demo.yaml, docs/pretrain.md and the README quote row pretrain-own-kl-generated."""
+    rows = fidelity_rows()
+    assert stage_hashes(["experiment=pretrain_demo"]) == stage_hashes(rows["pretrain-own-kl-generated"])
 
 
 def fidelity_rows() -> dict:
