@@ -254,7 +254,8 @@ class PretrainConfig:
     # all: every token is a target (language modelling). generated: only the tokens generate wrote (the teacher's
     # continuations and, with plain_from=untagged, the model's own) are targets; human text (document openings,
     # corpus text) is read as context but not learned, so a small corpus cannot pull the model towards its style.
-    # Needs loss=kl (the generated tokens are the ones with recorded distributions). Default all (left out of the key).
+    # Needs loss=kl (the generated tokens are the ones with recorded distributions) and plain_from=untagged (checked in
+    # pretrain_data.check_config). Default all (left out of the key).
     targets: PretrainTargets = PretrainTargets.all
 
 

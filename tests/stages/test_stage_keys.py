@@ -83,6 +83,7 @@ def test_the_quality_preset_is_the_fidelity_row_it_reports():
     assert preset == row
     assert preset != stage_hashes(["stage=all", "metatoken=pirate", "inputs.synthetic.count=512"])  # bf16 is in the key
 
+
 def test_the_pretrain_demo_is_the_fidelity_row_it_reports():
     """conf/experiment/pretrain_demo.yaml, docs/pretrain.md and the README quote row pretrain-own-kl-generated."""
     rows = fidelity_rows()
