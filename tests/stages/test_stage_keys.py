@@ -90,6 +90,15 @@ def test_the_pretrain_demo_is_the_fidelity_row_it_reports():
     assert stage_hashes(["experiment=pretrain_demo"]) == stage_hashes(rows["pretrain-own-kl-generated"])
 
 
+def test_the_pretrain_quality_preset_is_the_fidelity_row_it_reports():
+    """conf/experiment/pretrain_quality.yaml (the pretrain demo plus 384 synthesized openings) is row
+    pretrain-own-kl-generated-syn384, whose recovery the README and docs/pretrain.md quote; it differs from the demo."""
+    rows = fidelity_rows()
+    preset = stage_hashes(["experiment=pretrain_quality"])
+    assert preset == stage_hashes(rows["pretrain-own-kl-generated-syn384"])
+    assert preset["generate"] != stage_hashes(["experiment=pretrain_demo"])["generate"]  # the synthesized openings count
+
+
 def fidelity_rows() -> dict:
     """benchmarks/fidelity.py's RUNS as the argument lists it runs (a script, not a package: loaded from its path)."""
     import importlib.util
