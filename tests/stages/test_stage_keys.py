@@ -86,16 +86,14 @@ def test_the_quality_preset_is_the_fidelity_row_it_reports():
 
 def test_the_pretrain_demo_is_the_fidelity_row_it_reports():
     """conf/experiment/pretrain_demo.yaml, docs/pretrain.md and the README quote row pretrain-own-kl-generated."""
-    rows = fidelity_rows()
-    assert stage_hashes(["experiment=pretrain_demo"]) == stage_hashes(rows["pretrain-own-kl-generated"])
+    assert stage_hashes(["experiment=pretrain_demo"]) == stage_hashes(FIDELITY_ROWS["pretrain-own-kl-generated"])
 
 
 def test_the_pretrain_quality_preset_is_the_fidelity_row_it_reports():
     """conf/experiment/pretrain_quality.yaml (the pretrain demo plus 384 synthesized openings) is row
     pretrain-own-kl-generated-syn384, whose recovery the README and docs/pretrain.md quote; it differs from the demo."""
-    rows = fidelity_rows()
     preset = stage_hashes(["experiment=pretrain_quality"])
-    assert preset == stage_hashes(rows["pretrain-own-kl-generated-syn384"])
+    assert preset == stage_hashes(FIDELITY_ROWS["pretrain-own-kl-generated-syn384"])
     assert preset["generate"] != stage_hashes(["experiment=pretrain_demo"])["generate"]  # the synthesized openings count
 
 
